@@ -1,0 +1,361 @@
+//! The command line: clap derive structs (doc comments become `--help`) and one function per
+//! subcommand that calls into the library.
+
+use crate::baseline::{KneserNeyBigram, UnigramModel};
+use crate::checkpoint::{self, ModelInfo};
+use crate::config::{usage, Config, PRESETS};
+use crate::data::{self, default_data_dir, Split};
+use crate::metrics::perplexity::stream_nats;
+use crate::model::init_model;
+use crate::run_dir::{create_dir, write_atomic};
+use crate::tokenizer::Tokenizer;
+use crate::train::{self, TrainTarget};
+use anyhow::{Context, Result};
+use candle_core::Device;
+use clap::{Args, Parser, Subcommand};
+use serde_json::json;
+use std::path::{Path, PathBuf};
+
+/// Reproduce model collapse on a laptop: train a small GPT on wikitext-2, sample from it, train the
+/// next generation on the samples, and watch the tails of the distribution vanish.
+#[derive(Debug, Parser)]
+#[command(name = "collapse-lab", version, about)]
+pub struct Cli {
+    #[command(subcommand)]
+    pub command: Command,
+}
+
+#[derive(Debug, Subcommand)]
+pub enum Command {
+    /// Train the byte-level BPE tokenizer on the real train split and write tokenizer.json.
+    Prepare(PrepareArgs),
+    /// Train a GPT on wikitext-2 and keep the best-validation checkpoint.
+    Train(TrainArgs),
+    /// Perplexity of a trained model on the real test (or validation) split.
+    Eval(EvalArgs),
+    /// The interpolated Kneser–Ney word bigram (and a unigram): the reference a GPT must beat.
+    Baseline(BaselineArgs),
+    /// Training-step and sampling speed on random tokens (compare with ../shared/bench/torch_gpt.py).
+    Bench(BenchArgs),
+}
+
+/// Where the data is and what to run on; shared by the commands that need them.
+#[derive(Debug, Args)]
+pub struct Common {
+    /// Directory holding wiki.{train,valid,test}.tokens [default: the copy shipped in data/wikitext-2]
+    #[arg(long, value_name = "DIR")]
+    pub data: Option<PathBuf>,
+    /// cpu, cuda, cuda:N, or auto (CUDA when built with it and a GPU is present)
+    #[arg(long, default_value = "cpu")]
+    pub device: String,
+}
+
+impl Common {
+    fn data_dir(&self) -> PathBuf {
+        self.data.clone().unwrap_or_else(default_data_dir)
+    }
+}
+
+#[derive(Debug, Args)]
+pub struct PrepareArgs {
+    /// Vocabulary size, including the 256 bytes and the special tokens
+    #[arg(long, default_value_t = 4096)]
+    pub vocab_size: usize,
+    /// Use only the first N non-empty lines of the train split (0 = all)
+    #[arg(long, default_value_t = 0)]
+    pub train_lines: usize,
+    /// Where to write the tokenizer
+    #[arg(long, default_value = "tokenizer.json")]
+    pub out: PathBuf,
+    #[command(flatten)]
+    pub common: Common,
+}
+
+#[derive(Debug, Args)]
+pub struct TrainArgs {
+    /// Named configuration: smoke, cpu, cpu-large or paper
+    #[arg(long, default_value = "cpu")]
+    pub preset: String,
+    /// A TOML or JSON file of differences from the preset
+    #[arg(long, value_name = "FILE")]
+    pub config: Option<PathBuf>,
+    /// Override one setting, e.g. --set train.lr=1e-3 (repeatable)
+    #[arg(long = "set", value_name = "KEY=VALUE")]
+    pub sets: Vec<String>,
+    /// Seed for initialisation and batch order
+    #[arg(long)]
+    pub seed: Option<u64>,
+    /// Use this tokenizer.json instead of training one
+    #[arg(long, value_name = "FILE")]
+    pub tokenizer: Option<PathBuf>,
+    /// Output directory for model.safetensors, model.json and tokenizer.json
+    #[arg(long, value_name = "DIR")]
+    pub out: PathBuf,
+    /// No progress bar
+    #[arg(long)]
+    pub quiet: bool,
+    #[command(flatten)]
+    pub common: Common,
+}
+
+#[derive(Debug, Args)]
+pub struct EvalArgs {
+    /// A directory written by `collapse-lab train`
+    #[arg(long, value_name = "DIR")]
+    pub model: PathBuf,
+    #[arg(long, value_enum, default_value = "test")]
+    pub split: Split,
+    /// Evaluate only the first N lines of the split (default: the model's data.eval_lines; 0 = all)
+    #[arg(long)]
+    pub lines: Option<usize>,
+    /// Print one JSON object
+    #[arg(long)]
+    pub json: bool,
+    #[command(flatten)]
+    pub common: Common,
+}
+
+#[derive(Debug, Args)]
+pub struct BaselineArgs {
+    /// Print one JSON object
+    #[arg(long)]
+    pub json: bool,
+    #[command(flatten)]
+    pub common: Common,
+}
+
+#[derive(Debug, Args)]
+pub struct BenchArgs {
+    /// A, B (the shapes of torch_gpt.py) or a preset name (smoke, cpu, cpu-large, paper)
+    #[arg(long, default_value = "A")]
+    pub config: String,
+    #[arg(long, value_enum, default_value = "train")]
+    pub mode: BenchMode,
+    /// Untimed iterations first
+    #[arg(long, default_value_t = 3)]
+    pub warmup: usize,
+    /// Timed iterations (the median is reported)
+    #[arg(long, default_value_t = 10)]
+    pub iters: usize,
+    /// Print one JSON object
+    #[arg(long)]
+    pub json: bool,
+    /// cpu, cuda, cuda:N, or auto
+    #[arg(long, default_value = "cpu")]
+    pub device: String,
+}
+
+#[derive(Debug, Clone, Copy, clap::ValueEnum)]
+pub enum BenchMode {
+    Train,
+    Sample,
+}
+
+/// Runs one parsed command.
+pub fn run(cli: Cli) -> Result<()> {
+    match cli.command {
+        Command::Prepare(a) => prepare(a),
+        Command::Train(a) => train_cmd(a),
+        Command::Eval(a) => eval(a),
+        Command::Baseline(a) => baseline(a),
+        Command::Bench(a) => bench(a),
+    }
+}
+
+/// Parses `--device`.
+pub fn device(spec: &str) -> Result<Device> {
+    let cuda = |ordinal: usize| {
+        if !cfg!(feature = "cuda") {
+            return usage(format!(
+                "--device {spec}: this build has no CUDA support (rebuild with `cargo build --release --features cuda`)"
+            ));
+        }
+        Device::new_cuda(ordinal).with_context(|| format!("--device {spec}: no usable CUDA device {ordinal}"))
+    };
+    match spec {
+        "cpu" => Ok(Device::Cpu),
+        "cuda" => cuda(0),
+        "auto" => {
+            Ok(if cfg!(feature = "cuda") { Device::new_cuda(0).unwrap_or(Device::Cpu) } else { Device::Cpu })
+        }
+        s => match s.strip_prefix("cuda:").map(str::parse::<usize>) {
+            Some(Ok(n)) => cuda(n),
+            _ => usage(format!("--device {s}: expected cpu, cuda, cuda:N or auto")),
+        },
+    }
+}
+
+fn prepare(a: PrepareArgs) -> Result<()> {
+    let lines = data::load_split(&a.common.data_dir(), Split::Train, a.train_lines)?;
+    let tok =
+        Tokenizer::train(&lines, a.vocab_size).map_err(|e| crate::config::UsageError(format!("{e:#}")))?;
+    write_atomic(&a.out, tok.json().as_bytes())?;
+    println!("wrote {} ({} tokens, sha256 {})", a.out.display(), tok.vocab_size(), tok.sha256());
+    Ok(())
+}
+
+fn train_cmd(a: TrainArgs) -> Result<()> {
+    if !PRESETS.contains(&a.preset.as_str()) {
+        return usage(format!(
+            "--preset: unknown preset '{}' (expected one of: {})",
+            a.preset,
+            PRESETS.join(", ")
+        ));
+    }
+    let cfg = Config::resolve(&a.preset, a.config.as_deref(), &a.sets, a.seed)?;
+    let dev = device(&a.common.device)?;
+    let data_dir = a.common.data_dir();
+    create_dir(&a.out)?;
+    let train_lines = data::load_split(&data_dir, Split::Train, cfg.data.train_lines)?;
+    let valid_lines = data::load_split(&data_dir, Split::Valid, cfg.data.eval_lines)?;
+    let tok = match &a.tokenizer {
+        Some(path) => Tokenizer::load(path)?,
+        None => Tokenizer::train(&train_lines, cfg.model.vocab_size)?,
+    };
+    let out = train_model(&cfg, &tok, &train_lines, &valid_lines, &a.out, a.quiet, "train", &dev)?;
+    let t = &out.training;
+    println!(
+        "trained {} parameters for {} steps ({:.2} epochs of {} tokens) in {:.1} s at {:.0} tokens/s",
+        out.model.n_params(),
+        t.steps,
+        t.epochs,
+        t.train_tokens,
+        t.wall_s,
+        t.tokens_per_s
+    );
+    println!(
+        "best valid loss {:.4} (token perplexity {:.2}) at step {}; wrote {}",
+        t.best_valid_loss,
+        t.best_valid_loss.exp(),
+        t.best_step,
+        a.out.display()
+    );
+    Ok(())
+}
+
+/// Trains a fresh model on `train_lines` with `tok`, selecting on `valid_lines`, and writes the model
+/// directory `out`. Returns its `model.json` record.
+#[allow(clippy::too_many_arguments)]
+pub fn train_model<S: AsRef<str> + Sync>(
+    cfg: &Config,
+    tok: &Tokenizer,
+    train_lines: &[S],
+    valid_lines: &[S],
+    out: &Path,
+    quiet: bool,
+    label: &str,
+    dev: &Device,
+) -> Result<ModelInfo> {
+    let mcfg = crate::model::ModelConfig { vocab_size: tok.vocab_size(), ..cfg.model.clone() };
+    let train_stream = tok.encode_lines(train_lines)?;
+    let valid_stream = tok.encode_lines(valid_lines)?;
+    let (model, varmap) = init_model(&mcfg, cfg.seed, dev)?;
+    let target = TrainTarget { checkpoint: &out.join(checkpoint::WEIGHTS), quiet, label: label.to_string() };
+    let training = train::train(
+        &model,
+        &varmap,
+        &cfg.train,
+        &train_stream,
+        &valid_stream,
+        cfg.data.block_size,
+        cfg.seed,
+        &target,
+        dev,
+    )?;
+    let info = ModelInfo {
+        crate_version: env!("CARGO_PKG_VERSION").to_string(),
+        model: mcfg,
+        config: cfg.clone(),
+        tokenizer_sha256: tok.sha256(),
+        training,
+    };
+    checkpoint::write_model_dir(out, &info, tok)?;
+    Ok(info)
+}
+
+fn eval(a: EvalArgs) -> Result<()> {
+    let dev = device(&a.common.device)?;
+    let loaded = checkpoint::load_model_dir(&a.model, &dev)?;
+    let cfg = &loaded.info.config;
+    let limit = a.lines.unwrap_or(cfg.data.eval_lines);
+    let lines = data::load_split(&a.common.data_dir(), a.split, limit)?;
+    let stream = loaded.tokenizer.encode_lines(&lines)?;
+    let nats = stream_nats(&loaded.model, &stream, cfg.data.block_size, 0, &dev)?;
+    let words = data::words_with_eol(&lines) as u64;
+    let split = format!("{:?}", a.split).to_lowercase();
+    let result = json!({
+        "split": split,
+        format!("{split}_ppl"): nats.ppl(),
+        format!("{split}_word_ppl"): nats.ppl_per(words),
+        "nats": nats.nats,
+        "tokens": nats.predictions,
+        "words": words,
+        "lines": lines.len(),
+        "block_size": cfg.data.block_size,
+        "model": a.model.display().to_string(),
+    });
+    if a.json {
+        println!("{result}");
+    } else {
+        println!(
+            "{split}: token perplexity {:.2} over {} tokens; word perplexity {:.2} over {} words ({}-token blocks)",
+            nats.ppl(),
+            nats.predictions,
+            nats.ppl_per(words),
+            words,
+            cfg.data.block_size
+        );
+    }
+    Ok(())
+}
+
+fn baseline(a: BaselineArgs) -> Result<()> {
+    let dir = a.common.data_dir();
+    let train = data::load_split(&dir, Split::Train, 0)?;
+    let test = data::load_split(&dir, Split::Test, 0)?;
+    let train: Vec<&str> = train.iter().map(String::as_str).collect();
+    let test: Vec<&str> = test.iter().map(String::as_str).collect();
+    let kn = KneserNeyBigram::train(&train).evaluate(&test);
+    let uni = UnigramModel::train(&train).evaluate(&test);
+    if a.json {
+        println!("{}", json!({"kn_bigram": kn, "unigram": uni, "split": "test"}));
+    } else {
+        println!("test word perplexity (one end-of-line token per non-empty line):");
+        println!("  interpolated Kneser-Ney bigram {:8.2} over {} words", kn.ppl, kn.predictions);
+        println!("  unigram                        {:8.2} over {} words", uni.ppl, uni.predictions);
+    }
+    Ok(())
+}
+
+fn bench(a: BenchArgs) -> Result<()> {
+    if a.iters == 0 {
+        return usage("--iters must be at least 1");
+    }
+    let dev = device(&a.device)?;
+    let shape = crate::bench::shape(&a.config)?;
+    match a.mode {
+        BenchMode::Train => {
+            let r = crate::bench::bench_train(&shape, a.warmup, a.iters, &dev)?;
+            if a.json {
+                println!("RESULT {}", serde_json::to_string(&r)?);
+            } else {
+                println!(
+                    "train config {} ({} params, {} threads): {:.0} tokens/s, median step {:.1} ms \
+                     (forward {:.1}, backward {:.1}, optimizer {:.1}); loss {:.3} -> {:.3}",
+                    r.shape.name,
+                    r.params,
+                    r.threads,
+                    r.tokens_per_s,
+                    r.median_step_s * 1e3,
+                    r.median_forward_s * 1e3,
+                    r.median_backward_s * 1e3,
+                    r.median_optimizer_s * 1e3,
+                    r.first_loss,
+                    r.last_loss
+                );
+            }
+        }
+        BenchMode::Sample => return usage("--mode sample: not built yet"),
+    }
+    Ok(())
+}

@@ -1,0 +1,307 @@
+//! Configuration: named presets, then a file of differences (TOML or JSON), then `--set key=value`
+//! overrides, as nanoGPT layers them. Every key must already exist in the preset (an unknown key is an
+//! error) and every value must have the key's type; errors name the key and where it came from.
+
+use crate::model::ModelConfig;
+use anyhow::{Context, Result};
+use serde::{Deserialize, Serialize};
+use serde_json::Value;
+use std::path::Path;
+
+/// A mistake in what the user asked for (exit code 2), as opposed to a failure while running.
+#[derive(Debug, thiserror::Error)]
+#[error("{0}")]
+pub struct UsageError(pub String);
+
+/// Shorthand for returning a [`UsageError`].
+pub fn usage<T>(msg: impl Into<String>) -> Result<T> {
+    Err(UsageError(msg.into()).into())
+}
+
+/// Which part of wikitext-2 is used, and how it is cut.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct DataConfig {
+    /// Use only the first N non-empty lines of the train split (0 = all).
+    pub train_lines: usize,
+    /// Use only the first N non-empty lines of the valid and test splits (0 = all).
+    pub eval_lines: usize,
+    /// Evaluation blocks and sampling prompts are this many tokens (64 in Shumailov et al.).
+    pub block_size: usize,
+}
+
+/// Optimisation and model selection.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct TrainConfig {
+    /// Sequences per step; each is a random window of `model.ctx` + 1 tokens of the training stream.
+    pub batch_size: usize,
+    /// Training budget in passes over the training stream (tokens seen / stream length).
+    pub epochs: f64,
+    /// If > 0, train exactly this many steps instead of `epochs`.
+    pub max_steps: usize,
+    pub lr: f64,
+    /// The cosine schedule decays to this learning rate.
+    pub min_lr: f64,
+    pub warmup_steps: usize,
+    /// AdamW decay, applied to weight matrices and embeddings only (not to biases or LayerNorm).
+    pub weight_decay: f64,
+    pub beta1: f64,
+    pub beta2: f64,
+    /// Clip the global gradient norm to this value (0 = off).
+    pub grad_clip: f64,
+    /// Evaluate on the validation split every N steps (and at the end).
+    pub eval_interval: usize,
+    /// Evaluate on at most this many validation blocks during training (0 = all).
+    pub eval_blocks: usize,
+    /// Stop after this many evaluations without a better validation loss (0 = never).
+    pub patience: usize,
+}
+
+/// Everything a training run needs. Saved, resolved, in `model.json`.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Config {
+    pub preset: String,
+    pub seed: u64,
+    pub data: DataConfig,
+    pub model: ModelConfig,
+    pub train: TrainConfig,
+}
+
+/// The presets, smallest first.
+pub const PRESETS: [&str; 4] = ["smoke", "cpu", "cpu-large", "paper"];
+
+impl Config {
+    /// A named preset.
+    pub fn preset(name: &str) -> Result<Self> {
+        let base = TrainConfig {
+            batch_size: 32,
+            epochs: 1.0,
+            max_steps: 0,
+            lr: 3e-3,
+            min_lr: 3e-4,
+            warmup_steps: 100,
+            weight_decay: 0.1,
+            beta1: 0.9,
+            beta2: 0.95,
+            grad_clip: 1.0,
+            eval_interval: 200,
+            eval_blocks: 200,
+            patience: 0,
+        };
+        let small = |vocab, d, layers, heads| ModelConfig {
+            vocab_size: vocab,
+            ctx: 128,
+            d_model: d,
+            n_layer: layers,
+            n_head: heads,
+            dropout: 0.0,
+        };
+        let cfg = match name {
+            // Seconds: what the tests use.
+            "smoke" => Config {
+                preset: name.into(),
+                seed: 0,
+                data: DataConfig { train_lines: 300, eval_lines: 60, block_size: 16 },
+                model: ModelConfig { ctx: 32, ..small(384, 32, 2, 2) },
+                train: TrainConfig {
+                    batch_size: 8,
+                    max_steps: 40,
+                    warmup_steps: 5,
+                    eval_interval: 20,
+                    eval_blocks: 20,
+                    ..base.clone()
+                },
+            },
+            // Minutes on 2 cores: a fifth of the train split, a 1 M-parameter model.
+            "cpu" => Config {
+                preset: name.into(),
+                seed: 0,
+                data: DataConfig { train_lines: 4000, eval_lines: 0, block_size: 64 },
+                model: small(4096, 128, 2, 4),
+                train: TrainConfig { epochs: 2.0, ..base.clone() },
+            },
+            // The patient CPU user's model: the whole train split, beats the KN bigram.
+            "cpu-large" => Config {
+                preset: name.into(),
+                seed: 0,
+                data: DataConfig { train_lines: 0, eval_lines: 0, block_size: 64 },
+                model: small(4096, 128, 2, 4),
+                train: TrainConfig { epochs: 2.0, eval_interval: 250, ..base.clone() },
+            },
+            // GPU scale.
+            "paper" => Config {
+                preset: name.into(),
+                seed: 0,
+                data: DataConfig { train_lines: 0, eval_lines: 0, block_size: 64 },
+                model: ModelConfig { dropout: 0.1, ..small(8192, 384, 6, 6) },
+                train: TrainConfig {
+                    batch_size: 64,
+                    epochs: 10.0,
+                    lr: 1e-3,
+                    min_lr: 1e-4,
+                    warmup_steps: 500,
+                    eval_interval: 1000,
+                    eval_blocks: 0,
+                    patience: 4,
+                    ..base
+                },
+            },
+            other => {
+                return usage(format!("unknown preset '{other}' (expected one of: {})", PRESETS.join(", ")))
+            }
+        };
+        Ok(cfg)
+    }
+
+    /// preset → optional file → `--set` overrides → validation.
+    pub fn resolve(preset: &str, file: Option<&Path>, sets: &[String], seed: Option<u64>) -> Result<Self> {
+        let mut value = serde_json::to_value(Config::preset(preset)?)?;
+        if let Some(path) = file {
+            let text = std::fs::read_to_string(path)
+                .with_context(|| format!("cannot read config file {}", path.display()))?;
+            let overlay: Value = if path.extension().is_some_and(|e| e == "json") {
+                serde_json::from_str(&text)
+                    .map_err(|e| UsageError(format!("{} is not valid JSON: {e}", path.display())))?
+            } else {
+                let t: toml::Value = toml::from_str(&text)
+                    .map_err(|e| UsageError(format!("{} is not valid TOML: {e}", path.display())))?;
+                serde_json::to_value(t)?
+            };
+            let mut leaves = Vec::new();
+            flatten("", &overlay, &mut leaves);
+            for (key, v) in leaves {
+                set_key(&mut value, &key, v, &format!("{}: key '{key}'", path.display()))?;
+            }
+        }
+        for s in sets {
+            let (key, raw) = s
+                .split_once('=')
+                .ok_or_else(|| UsageError(format!("--set {s}: expected key=value, e.g. train.lr=1e-3")))?;
+            let v = serde_json::from_str(raw).unwrap_or_else(|_| Value::String(raw.to_string()));
+            set_key(&mut value, key.trim(), v, &format!("--set {s}"))?;
+        }
+        if let Some(seed) = seed {
+            value["seed"] = Value::from(seed);
+        }
+        let cfg: Config = serde_json::from_value(value)?;
+        cfg.validate()?;
+        Ok(cfg)
+    }
+
+    /// Range checks that serde's types cannot express.
+    pub fn validate(&self) -> Result<()> {
+        self.model.validate().map_err(UsageError)?;
+        let t = &self.train;
+        let positive = [
+            ("train.batch_size", t.batch_size),
+            ("train.eval_interval", t.eval_interval),
+            ("data.block_size", self.data.block_size),
+        ];
+        for (name, v) in positive {
+            if v == 0 {
+                return usage(format!("{name} must be at least 1"));
+            }
+        }
+        let checks = [
+            ("train.lr", t.lr > 0.0 && t.lr.is_finite(), "> 0"),
+            ("train.min_lr", t.min_lr >= 0.0 && t.min_lr <= t.lr, "in [0, train.lr]"),
+            ("train.epochs", t.epochs > 0.0 && t.epochs.is_finite(), "> 0"),
+            ("train.weight_decay", t.weight_decay >= 0.0, ">= 0"),
+            ("train.beta1", (0.0..1.0).contains(&t.beta1), "in [0, 1)"),
+            ("train.beta2", (0.0..1.0).contains(&t.beta2), "in [0, 1)"),
+            ("train.grad_clip", t.grad_clip >= 0.0, ">= 0 (0 = off)"),
+        ];
+        for (name, ok, expected) in checks {
+            if !ok {
+                return usage(format!("{name} must be {expected}"));
+            }
+        }
+        if self.data.block_size >= self.model.ctx {
+            return usage(format!(
+                "data.block_size ({}) must be smaller than model.ctx ({}): a prompt block and its continuation must fit",
+                self.data.block_size, self.model.ctx
+            ));
+        }
+        Ok(())
+    }
+}
+
+/// Dotted paths of every leaf of a JSON object.
+fn flatten(prefix: &str, v: &Value, out: &mut Vec<(String, Value)>) {
+    match v {
+        Value::Object(map) => {
+            for (k, child) in map {
+                let key = if prefix.is_empty() { k.clone() } else { format!("{prefix}.{k}") };
+                flatten(&key, child, out);
+            }
+        }
+        leaf => out.push((prefix.to_string(), leaf.clone())),
+    }
+}
+
+/// Replaces the leaf at dotted `key`; the key must exist and the new value must keep the config
+/// deserialisable (so a wrong type is reported here, with `origin` naming where it came from).
+fn set_key(root: &mut Value, key: &str, new: Value, origin: &str) -> Result<()> {
+    let known = known_keys(root);
+    let mut slot = &mut *root;
+    for part in key.split('.') {
+        slot = match slot.get_mut(part) {
+            Some(s) => s,
+            None => return usage(format!("{origin}: unknown key '{key}' (known keys: {known})")),
+        };
+    }
+    if slot.is_object() {
+        return usage(format!("{origin}: '{key}' is a section, not a value"));
+    }
+    *slot = new;
+    if let Err(e) = serde_json::from_value::<Config>(root.clone()) {
+        return usage(format!("{origin}: {e}"));
+    }
+    Ok(())
+}
+
+fn known_keys(root: &Value) -> String {
+    let mut leaves = Vec::new();
+    flatten("", root, &mut leaves);
+    leaves.into_iter().map(|(k, _)| k).collect::<Vec<_>>().join(", ")
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn presets_are_valid() {
+        for p in PRESETS {
+            Config::preset(p).unwrap().validate().unwrap();
+        }
+        assert!(Config::preset("huge").unwrap_err().to_string().contains("unknown preset 'huge'"));
+    }
+
+    #[test]
+    fn overrides_are_strict_and_typed() {
+        let c = Config::resolve("smoke", None, &["train.lr=0.01".into(), "model.d_model=64".into()], Some(7))
+            .unwrap();
+        assert_eq!((c.train.lr, c.model.d_model, c.seed), (0.01, 64, 7));
+        let e = Config::resolve("smoke", None, &["train.lrr=1".into()], None).unwrap_err().to_string();
+        assert!(e.contains("unknown key 'train.lrr'"), "{e}");
+        let e = Config::resolve("smoke", None, &["model.d_model=big".into()], None).unwrap_err().to_string();
+        assert!(e.contains("model.d_model=big") && e.contains("expected usize"), "{e}");
+        let e = Config::resolve("smoke", None, &["model.d_model=31".into()], None).unwrap_err().to_string();
+        assert!(e.contains("multiple of model.n_head"), "{e}");
+    }
+
+    #[test]
+    fn toml_file_layers_between_preset_and_set() {
+        let dir = tempfile::tempdir().unwrap();
+        let f = dir.path().join("c.toml");
+        std::fs::write(&f, "[train]\nlr = 0.02\nbatch_size = 4\n").unwrap();
+        let c = Config::resolve("smoke", Some(&f), &["train.batch_size=2".into()], None).unwrap();
+        assert_eq!((c.train.lr, c.train.batch_size), (0.02, 2));
+        std::fs::write(&f, "[train]\nlearning_rate = 0.02\n").unwrap();
+        let e = Config::resolve("smoke", Some(&f), &[], None).unwrap_err().to_string();
+        assert!(e.contains("c.toml") && e.contains("unknown key 'train.learning_rate'"), "{e}");
+    }
+}

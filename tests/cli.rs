@@ -1,0 +1,168 @@
+//! End-to-end tests: the real binary on the `smoke` preset in temporary directories.
+
+use std::path::{Path, PathBuf};
+use std::process::{Command, Output};
+
+fn bin() -> Command {
+    Command::new(env!("CARGO_BIN_EXE_collapse-lab"))
+}
+
+fn run(args: &[&str]) -> Output {
+    bin().args(args).output().expect("the binary runs")
+}
+
+fn stderr(o: &Output) -> String {
+    String::from_utf8_lossy(&o.stderr).into_owned()
+}
+
+/// A bad input: non-zero exit, one line of error naming `culprit`, no panic or backtrace.
+fn assert_clean_error(o: &Output, culprit: &str) {
+    let err = stderr(o);
+    assert!(!o.status.success(), "expected failure, got success; stderr: {err}");
+    assert!(err.contains(culprit), "stderr should name {culprit:?}: {err}");
+    assert_eq!(err.trim_end().lines().count(), 1, "one-line error expected: {err}");
+    assert!(!err.contains("panicked") && !err.contains("backtrace"), "{err}");
+}
+
+/// Trains the smoke model once per test binary run into `dir`.
+fn smoke_model(dir: &Path) -> PathBuf {
+    let out = dir.join("model");
+    let o = run(&["train", "--preset", "smoke", "--quiet", "--out", out.to_str().unwrap()]);
+    assert!(o.status.success(), "train failed: {}", stderr(&o));
+    out
+}
+
+/// A copy of the real data directory with one file replaced.
+fn data_with(dir: &Path, file: &str, contents: &[u8]) -> PathBuf {
+    let data = dir.join("data");
+    std::fs::create_dir_all(&data).unwrap();
+    let real = Path::new(env!("CARGO_MANIFEST_DIR")).join("data/wikitext-2");
+    for f in ["wiki.train.tokens", "wiki.valid.tokens", "wiki.test.tokens"] {
+        std::fs::copy(real.join(f), data.join(f)).unwrap();
+    }
+    std::fs::write(data.join(file), contents).unwrap();
+    data
+}
+
+#[test]
+fn smoke_train_then_eval_prints_finite_perplexities() {
+    let tmp = tempfile::tempdir().unwrap();
+    let model = smoke_model(tmp.path());
+    for f in ["model.safetensors", "model.json", "tokenizer.json"] {
+        assert!(model.join(f).is_file(), "{f} missing");
+    }
+    for split in ["test", "valid"] {
+        let o = run(&["eval", "--model", model.to_str().unwrap(), "--split", split, "--json"]);
+        assert!(o.status.success(), "{}", stderr(&o));
+        let v: serde_json::Value = serde_json::from_slice(&o.stdout).unwrap();
+        let ppl = v[format!("{split}_ppl")].as_f64().unwrap();
+        let word_ppl = v[format!("{split}_word_ppl")].as_f64().unwrap();
+        // A trained model beats the uniform distribution over the smoke vocabulary (384 tokens).
+        assert!(ppl.is_finite() && ppl > 1.0 && ppl < 384.0, "{split}_ppl {ppl}");
+        assert!(word_ppl.is_finite() && word_ppl > ppl, "{split}_word_ppl {word_ppl}");
+    }
+    let info: serde_json::Value =
+        serde_json::from_slice(&std::fs::read(model.join("model.json")).unwrap()).unwrap();
+    assert_eq!(info["training"]["steps"], 40);
+    assert!(info["training"]["best_valid_loss"].as_f64().unwrap().is_finite());
+}
+
+#[test]
+fn training_is_reproducible_from_the_seed() {
+    let tmp = tempfile::tempdir().unwrap();
+    let a = tmp.path().join("a");
+    let b = tmp.path().join("b");
+    for out in [&a, &b] {
+        let o =
+            run(&["train", "--preset", "smoke", "--quiet", "--seed", "3", "--out", out.to_str().unwrap()]);
+        assert!(o.status.success(), "{}", stderr(&o));
+    }
+    let read = |d: &Path| std::fs::read(d.join("model.safetensors")).unwrap();
+    assert_eq!(read(&a), read(&b), "same seed, same weights");
+}
+
+#[test]
+fn bad_inputs_give_one_line_errors() {
+    let tmp = tempfile::tempdir().unwrap();
+    let t = tmp.path();
+    let model = smoke_model(t);
+    let m = model.to_str().unwrap();
+    let out = t.join("o");
+    let o_ = out.to_str().unwrap();
+
+    // Missing data directory.
+    let o = run(&["train", "--preset", "smoke", "--quiet", "--data", "/nonexistent/wt2", "--out", o_]);
+    assert_clean_error(&o, "/nonexistent/wt2");
+    // Empty, non-UTF-8 and binary data files.
+    let d = data_with(t, "wiki.train.tokens", b"\n  \n");
+    assert_clean_error(
+        &run(&["train", "--preset", "smoke", "--data", d.to_str().unwrap(), "--out", o_]),
+        "wiki.train.tokens",
+    );
+    let d = data_with(t, "wiki.valid.tokens", b"caf\xe9 au lait\n");
+    assert_clean_error(
+        &run(&["train", "--preset", "smoke", "--data", d.to_str().unwrap(), "--out", o_]),
+        "not valid UTF-8",
+    );
+    let d = data_with(t, "wiki.test.tokens", b"\x00\x01\x02binary");
+    assert_clean_error(&run(&["eval", "--model", m, "--data", d.to_str().unwrap()]), "wiki.test.tokens");
+    // Unknown preset, unknown and mistyped --set keys.
+    let o = run(&["train", "--preset", "huge", "--out", o_]);
+    assert_clean_error(&o, "huge");
+    assert_eq!(o.status.code(), Some(2));
+    let o = run(&["train", "--preset", "smoke", "--set", "train.lrate=1", "--out", o_]);
+    assert_clean_error(&o, "train.lrate");
+    assert_eq!(o.status.code(), Some(2));
+    assert_clean_error(
+        &run(&["train", "--preset", "smoke", "--set", "model.n_layer=two", "--out", o_]),
+        "model.n_layer",
+    );
+    // Corrupt tokenizer.json.
+    let broken = t.join("broken");
+    std::fs::create_dir_all(&broken).unwrap();
+    for f in ["model.safetensors", "model.json", "tokenizer.json"] {
+        std::fs::copy(model.join(f), broken.join(f)).unwrap();
+    }
+    std::fs::write(broken.join("tokenizer.json"), "{\"version\": ").unwrap();
+    assert_clean_error(&run(&["eval", "--model", broken.to_str().unwrap()]), "tokenizer.json");
+    // Truncated model.safetensors.
+    std::fs::copy(model.join("tokenizer.json"), broken.join("tokenizer.json")).unwrap();
+    let w = std::fs::read(model.join("model.safetensors")).unwrap();
+    std::fs::write(broken.join("model.safetensors"), &w[..w.len() / 2]).unwrap();
+    assert_clean_error(&run(&["eval", "--model", broken.to_str().unwrap()]), "model.safetensors");
+    // A tokenizer whose vocabulary does not match the model.
+    let o = run(&[
+        "prepare",
+        "--vocab-size",
+        "300",
+        "--train-lines",
+        "200",
+        "--out",
+        broken.join("tokenizer.json").to_str().unwrap(),
+    ]);
+    assert!(o.status.success(), "{}", stderr(&o));
+    std::fs::write(broken.join("model.safetensors"), &w).unwrap();
+    assert_clean_error(&run(&["eval", "--model", broken.to_str().unwrap()]), "vocabulary");
+    // Missing model directory; an output path that is a file.
+    assert_clean_error(&run(&["eval", "--model", "/nonexistent/model"]), "/nonexistent/model");
+    let file = t.join("a-file");
+    std::fs::write(&file, "x").unwrap();
+    assert_clean_error(&run(&["train", "--preset", "smoke", "--out", file.to_str().unwrap()]), "a-file");
+    // Bad flag values are caught by clap with exit code 2.
+    let o = run(&["prepare", "--vocab-size", "ten"]);
+    assert_eq!(o.status.code(), Some(2));
+    assert_clean_error(&run(&["prepare", "--vocab-size", "100", "--out", o_]), "--vocab-size");
+}
+
+#[test]
+fn prepare_is_deterministic() {
+    let tmp = tempfile::tempdir().unwrap();
+    let a = tmp.path().join("a.json");
+    let b = tmp.path().join("b.json");
+    for p in [&a, &b] {
+        let o =
+            run(&["prepare", "--vocab-size", "512", "--train-lines", "2000", "--out", p.to_str().unwrap()]);
+        assert!(o.status.success(), "{}", stderr(&o));
+    }
+    assert_eq!(std::fs::read(&a).unwrap(), std::fs::read(&b).unwrap());
+}
