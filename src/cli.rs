@@ -10,7 +10,7 @@ use crate::model::init_model;
 use crate::run_dir::{create_dir, write_atomic};
 use crate::tokenizer::Tokenizer;
 use crate::train::{self, TrainTarget};
-use anyhow::{Context, Result};
+use anyhow::{bail, Context, Result};
 use candle_core::Device;
 use clap::{Args, Parser, Subcommand};
 use serde_json::json;
@@ -35,6 +35,14 @@ pub enum Command {
     Eval(EvalArgs),
     /// The interpolated Kneser–Ney word bigram (and a unigram): the reference a GPT must beat.
     Baseline(BaselineArgs),
+    /// The recursion lab: train generation 0 on real data, sample, retrain, measure, repeat.
+    Run(RunArgs),
+    /// Continue an interrupted run from its last complete step.
+    Resume(ResumeArgs),
+    /// Read what a generation wrote, or one block's text across generations.
+    Inspect(InspectArgs),
+    /// Word-level corpus metrics (SPEC §2) of any text against a reference text.
+    Metrics(MetricsArgs),
     /// Training-step and sampling speed on random tokens (compare with ../shared/bench/torch_gpt.py).
     Bench(BenchArgs),
 }
@@ -125,6 +133,108 @@ pub struct BaselineArgs {
 }
 
 #[derive(Debug, Args)]
+pub struct RunArgs {
+    /// Named configuration: smoke, cpu, cpu-large or paper
+    #[arg(long, default_value = "cpu")]
+    pub preset: String,
+    /// A TOML or JSON file of differences from the preset
+    #[arg(long, value_name = "FILE")]
+    pub config: Option<PathBuf>,
+    /// Override one setting, e.g. --set train.epochs=3 (repeatable)
+    #[arg(long = "set", value_name = "KEY=VALUE")]
+    pub sets: Vec<String>,
+    /// Models to train: generation 0 (real data) to N − 1 [preset: 5]
+    #[arg(long)]
+    pub generations: Option<usize>,
+    /// What generation g+1 trains on [preset: replace]
+    #[arg(long, value_enum)]
+    pub regime: Option<crate::config::Regime>,
+    /// With --regime keep-real: the share of real blocks kept each generation [preset: 0.1]
+    #[arg(long, allow_negative_numbers = true)]
+    pub real_fraction: Option<f64>,
+    /// Sampling temperature, 0 = greedy [preset: 1]
+    #[arg(long, allow_negative_numbers = true)]
+    pub temperature: Option<f32>,
+    /// Keep the k most probable tokens, 0 = off [preset: 0]
+    #[arg(long)]
+    pub top_k: Option<usize>,
+    /// Nucleus sampling threshold in (0, 1] [preset: 1]
+    #[arg(long, allow_negative_numbers = true)]
+    pub top_p: Option<f32>,
+    /// Beam search of this width instead of sampling (the paper used 5) [preset: off]
+    #[arg(long)]
+    pub beam: Option<usize>,
+    /// Penalty on tokens already in the context, 1 = off (the paper's code used 3) [preset: 1]
+    #[arg(long, allow_negative_numbers = true)]
+    pub repetition_penalty: Option<f32>,
+    /// blocks: continue every block of the training set; free: unconditional samples
+    #[arg(long, value_enum)]
+    pub prompt_mode: Option<crate::config::PromptMode>,
+    /// scratch: fresh weights each generation; previous: start from the previous generation's
+    #[arg(long, value_enum)]
+    pub init: Option<crate::config::InitMode>,
+    /// The run's seed: every random stream derives from it
+    #[arg(long)]
+    pub seed: Option<u64>,
+    /// Run name: the run goes to checkpoints/NAME [default: PRESET-REGIME-seedSEED]
+    #[arg(long, conflicts_with = "out")]
+    pub name: Option<String>,
+    /// Run directory (instead of checkpoints/NAME)
+    #[arg(long, value_name = "DIR")]
+    pub out: Option<PathBuf>,
+    /// Start over in a directory that already holds a run
+    #[arg(long)]
+    pub force: bool,
+    /// No progress bars or table
+    #[arg(long)]
+    pub quiet: bool,
+    #[command(flatten)]
+    pub common: Common,
+}
+
+#[derive(Debug, Args)]
+pub struct ResumeArgs {
+    /// The run directory
+    pub run: PathBuf,
+    /// No progress bars or table
+    #[arg(long)]
+    pub quiet: bool,
+    #[command(flatten)]
+    pub common: Common,
+}
+
+#[derive(Debug, Args)]
+pub struct InspectArgs {
+    /// The run directory
+    pub run: PathBuf,
+    /// Show what this generation's model wrote
+    #[arg(long, short, required_unless_present = "lineage", conflicts_with = "lineage")]
+    pub generation: Option<usize>,
+    /// How many sequences to show
+    #[arg(short, default_value_t = 3)]
+    pub n: usize,
+    /// Show only the sequence continuing this prompt id
+    #[arg(long)]
+    pub prompt: Option<usize>,
+    /// Show one block's text in every generation: real, gen 0, gen 1, …
+    #[arg(long, value_name = "ID")]
+    pub lineage: Option<usize>,
+}
+
+#[derive(Debug, Args)]
+pub struct MetricsArgs {
+    /// The reference text (e.g. data/wikitext-2/wiki.train.tokens)
+    #[arg(long, value_name = "FILE")]
+    pub reference: PathBuf,
+    /// The text to measure
+    #[arg(long, value_name = "FILE")]
+    pub corpus: PathBuf,
+    /// Print one JSON object
+    #[arg(long)]
+    pub json: bool,
+}
+
+#[derive(Debug, Args)]
 pub struct BenchArgs {
     /// A, B (the shapes of torch_gpt.py) or a preset name (smoke, cpu, cpu-large, paper)
     #[arg(long, default_value = "A")]
@@ -159,6 +269,10 @@ pub fn run(cli: Cli) -> Result<()> {
         Command::Eval(a) => eval(a),
         Command::Baseline(a) => baseline(a),
         Command::Bench(a) => bench(a),
+        Command::Run(a) => run_cmd(a),
+        Command::Resume(a) => resume(a),
+        Command::Inspect(a) => inspect(a),
+        Command::Metrics(a) => metrics(a),
     }
 }
 
@@ -356,6 +470,158 @@ fn bench(a: BenchArgs) -> Result<()> {
             }
         }
         BenchMode::Sample => return usage("--mode sample: not built yet"),
+    }
+    Ok(())
+}
+
+fn run_cmd(a: RunArgs) -> Result<()> {
+    if !PRESETS.contains(&a.preset.as_str()) {
+        return usage(format!(
+            "--preset: unknown preset '{}' (expected one of: {})",
+            a.preset,
+            PRESETS.join(", ")
+        ));
+    }
+    let mut sets = a.sets.clone();
+    let mut flag = |key: &str, value: Option<serde_json::Value>| {
+        if let Some(v) = value {
+            sets.push(format!("{key}={v}"));
+        }
+    };
+    let j = |v: Option<f64>| v.map(|x| json!(x));
+    flag("recursion.generations", a.generations.map(|x| json!(x)));
+    flag("recursion.regime", a.regime.map(|x| json!(x)));
+    flag("recursion.real_fraction", j(a.real_fraction));
+    flag("recursion.prompt_mode", a.prompt_mode.map(|x| json!(x)));
+    flag("recursion.init", a.init.map(|x| json!(x)));
+    flag("sample.temperature", j(a.temperature.map(f64::from)));
+    flag("sample.top_k", a.top_k.map(|x| json!(x)));
+    flag("sample.top_p", j(a.top_p.map(f64::from)));
+    flag("sample.beam", a.beam.map(|x| json!(x)));
+    flag("sample.repetition_penalty", j(a.repetition_penalty.map(f64::from)));
+    for (name, bad) in [
+        ("--temperature", a.temperature.is_some_and(|t| !t.is_finite() || t < 0.0)),
+        ("--top-p", a.top_p.is_some_and(|p| !(p > 0.0 && p <= 1.0))),
+        ("--top-k", a.top_k == Some(0)),
+        ("--beam", a.beam == Some(0)),
+        ("--real-fraction", a.real_fraction.is_some_and(|f| !(0.0..=1.0).contains(&f))),
+        ("--repetition-penalty", a.repetition_penalty.is_some_and(|r| !r.is_finite() || r <= 0.0)),
+        ("--generations", a.generations == Some(0)),
+    ] {
+        if bad {
+            let expected = match name {
+                "--temperature" => ">= 0 (0 = greedy)",
+                "--top-p" => "in (0, 1]",
+                "--top-k" | "--beam" | "--generations" => "at least 1 (omit the flag to turn it off)",
+                "--real-fraction" => "in [0, 1]",
+                _ => "> 0 (1 = off)",
+            };
+            return usage(format!("{name} must be {expected}"));
+        }
+    }
+    let cfg = Config::resolve(&a.preset, a.config.as_deref(), &sets, a.seed)?;
+    let out = match (&a.out, &a.name) {
+        (Some(out), _) => out.clone(),
+        (None, Some(name)) => Path::new("checkpoints").join(name),
+        (None, None) => {
+            let regime = serde_json::to_value(cfg.recursion.regime)?;
+            let regime = regime.as_str().unwrap_or("run");
+            Path::new("checkpoints").join(format!("{}-{regime}-seed{}", cfg.preset, cfg.seed))
+        }
+    };
+    let opts = crate::recursion::RunOptions {
+        out,
+        data_dir: a.common.data_dir(),
+        quiet: a.quiet,
+        device: device(&a.common.device)?,
+    };
+    crate::recursion::start_run(cfg, &opts, a.force)
+}
+
+fn resume(a: ResumeArgs) -> Result<()> {
+    let opts = crate::recursion::RunOptions {
+        out: a.run.clone(),
+        data_dir: a.common.data_dir(),
+        quiet: a.quiet,
+        device: device(&a.common.device)?,
+    };
+    let state =
+        crate::recursion::load_state(&a.run).map_err(|e| crate::config::UsageError(format!("{e:#}")))?;
+    if state.real_measured && state.generations.iter().all(|g| g.status == crate::recursion::Status::Measured)
+    {
+        println!("{} is complete: {} generations measured", a.run.display(), state.generations.len());
+        return Ok(());
+    }
+    crate::recursion::continue_run(&opts)
+}
+
+fn inspect(a: InspectArgs) -> Result<()> {
+    let state =
+        crate::recursion::load_state(&a.run).map_err(|e| crate::config::UsageError(format!("{e:#}")))?;
+    let n_gen = state.generations.len();
+    let corpus = |g: usize| -> Result<Vec<crate::recursion::CorpusRecord>> {
+        if g >= n_gen {
+            return usage(format!("--generation {g}: the run has generations 0 to {}", n_gen - 1));
+        }
+        let path = a.run.join(format!("gen-{g:02}")).join(crate::recursion::CORPUS);
+        if !path.exists() {
+            bail!("generation {g} has not sampled its corpus yet ({} is missing)", path.display());
+        }
+        crate::recursion::read_corpus(&path)
+    };
+    if let Some(id) = a.lineage {
+        let first = corpus(0)?;
+        let rec = first.iter().find(|r| r.prompt_id == id).ok_or_else(|| {
+            crate::config::UsageError(format!(
+                "--lineage {id}: no such prompt id (0 to {})",
+                first.len().saturating_sub(1)
+            ))
+        })?;
+        println!("lineage of block {id}: the real block, then the text each generation's model wrote for it");
+        println!("\n[real]\n{}", rec.prompt);
+        for g in 0..n_gen {
+            let Ok(records) = corpus(g) else { break };
+            if let Some(r) = records.iter().find(|r| r.prompt_id == id) {
+                println!("\n[gen {g}] (gen-0 perplexity {:.1})\n{}", r.gen0_ppl, r.text);
+            }
+        }
+        return Ok(());
+    }
+    let g = a.generation.expect("clap requires --generation without --lineage");
+    let records = corpus(g)?;
+    let shown: Vec<&crate::recursion::CorpusRecord> = match a.prompt {
+        Some(id) => records.iter().filter(|r| r.prompt_id == id).collect(),
+        None => records.iter().take(a.n).collect(),
+    };
+    if shown.is_empty() {
+        return usage(format!("--prompt {}: no such prompt id in generation {g}", a.prompt.unwrap_or(0)));
+    }
+    for r in shown {
+        println!(
+            "--- generation {g}, sequence {} (prompt {}, gen-0 perplexity {:.1})",
+            r.id, r.prompt_id, r.gen0_ppl
+        );
+        println!("[prompt] {}", r.prompt.replace('\n', " / "));
+        println!("[text]   {}\n", r.text.replace('\n', " / "));
+    }
+    Ok(())
+}
+
+fn metrics(a: MetricsArgs) -> Result<()> {
+    use crate::metrics::corpus::{corpus_metrics, MetricOptions, Reference};
+    let reference = data::read_text_lines(&a.reference)?;
+    let corpus = data::read_text_lines(&a.corpus)?;
+    let rw: Vec<&str> = reference.iter().flat_map(|l| l.split_whitespace()).collect();
+    let cw: Vec<&str> = corpus.iter().flat_map(|l| l.split_whitespace()).collect();
+    let opts = MetricOptions { ttr_n: cw.len().min(rw.len()).min(100_000), ..MetricOptions::default() };
+    let m = corpus_metrics(&Reference::new(&rw), &cw, &opts);
+    if a.json {
+        println!("{}", serde_json::to_string(&m)?);
+    } else {
+        let v = serde_json::to_value(&m)?;
+        for (k, x) in v.as_object().into_iter().flatten() {
+            println!("{k:24} {x}");
+        }
     }
     Ok(())
 }

@@ -58,6 +58,82 @@ pub struct TrainConfig {
     pub patience: usize,
 }
 
+/// How a generation samples its corpus.
+#[derive(Debug, Clone, Copy, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct SampleConfig {
+    /// Softmax temperature (0 = greedy).
+    pub temperature: f32,
+    /// Keep the k most probable tokens (0 = off).
+    pub top_k: usize,
+    /// Nucleus: keep the most probable tokens up to this cumulative probability (1 = off).
+    pub top_p: f32,
+    /// CTRL-style penalty on tokens already in the context (1 = off; Shumailov's code used 3.0).
+    pub repetition_penalty: f32,
+    /// Beam search of this width instead of sampling (0 = off; the paper used 5).
+    pub beam: usize,
+    /// Prompts generated at once.
+    pub batch_size: usize,
+}
+
+impl SampleConfig {
+    pub fn sampler(&self) -> crate::sampler::SamplerSettings {
+        crate::sampler::SamplerSettings {
+            temperature: self.temperature,
+            top_k: self.top_k,
+            top_p: self.top_p,
+            repetition_penalty: self.repetition_penalty,
+        }
+    }
+}
+
+/// What generation g+1 trains on.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, clap::ValueEnum)]
+#[serde(rename_all = "kebab-case")]
+pub enum Regime {
+    /// Only generation g's corpus.
+    Replace,
+    /// A fresh random `real_fraction` of the real blocks, the rest from generation g's corpus.
+    KeepReal,
+    /// The real data plus every synthetic corpus so far.
+    Accumulate,
+    /// Accumulate, then subsample to the real data's size.
+    AccumulateSubsample,
+}
+
+/// Where the prompts come from.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, clap::ValueEnum)]
+#[serde(rename_all = "kebab-case")]
+pub enum PromptMode {
+    /// Continue every block of the training set by one block (Shumailov et al.).
+    Blocks,
+    /// Unconditional samples from the end-of-text token (Gerstgrasser et al.).
+    Free,
+}
+
+/// How each generation's model starts.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, clap::ValueEnum)]
+#[serde(rename_all = "kebab-case")]
+pub enum InitMode {
+    /// Fresh random weights (seeded from the run seed and the generation).
+    Scratch,
+    /// The previous generation's selected weights (fine-tuning).
+    Previous,
+}
+
+/// The recursion: how many generations, on what data.
+#[derive(Debug, Clone, Copy, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RecursionConfig {
+    /// Models trained: generation 0 (on real data) to generations − 1.
+    pub generations: usize,
+    pub regime: Regime,
+    /// With `keep-real`: the share of real blocks in each generation's training set.
+    pub real_fraction: f64,
+    pub prompt_mode: PromptMode,
+    pub init: InitMode,
+}
+
 /// Everything a training run needs. Saved, resolved, in `model.json`.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
@@ -67,6 +143,8 @@ pub struct Config {
     pub data: DataConfig,
     pub model: ModelConfig,
     pub train: TrainConfig,
+    pub sample: SampleConfig,
+    pub recursion: RecursionConfig,
 }
 
 /// The presets, smallest first.
@@ -98,12 +176,27 @@ impl Config {
             n_head: heads,
             dropout: 0.0,
         };
+        let sample = SampleConfig {
+            temperature: 1.0,
+            top_k: 0,
+            top_p: 1.0,
+            repetition_penalty: 1.0,
+            beam: 0,
+            batch_size: 64,
+        };
+        let recursion = RecursionConfig {
+            generations: 5,
+            regime: Regime::Replace,
+            real_fraction: 0.1,
+            prompt_mode: PromptMode::Blocks,
+            init: InitMode::Scratch,
+        };
         let cfg = match name {
             // Seconds: what the tests use.
             "smoke" => Config {
                 preset: name.into(),
                 seed: 0,
-                data: DataConfig { train_lines: 300, eval_lines: 60, block_size: 16 },
+                data: DataConfig { train_lines: 150, eval_lines: 60, block_size: 16 },
                 model: ModelConfig { ctx: 32, ..small(384, 32, 2, 2) },
                 train: TrainConfig {
                     batch_size: 8,
@@ -113,6 +206,8 @@ impl Config {
                     eval_blocks: 20,
                     ..base.clone()
                 },
+                sample: SampleConfig { batch_size: 128, ..sample },
+                recursion: RecursionConfig { generations: 3, ..recursion },
             },
             // Minutes on 2 cores: a fifth of the train split, a 1 M-parameter model.
             "cpu" => Config {
@@ -121,6 +216,8 @@ impl Config {
                 data: DataConfig { train_lines: 4000, eval_lines: 0, block_size: 64 },
                 model: small(4096, 128, 2, 4),
                 train: TrainConfig { epochs: 2.0, ..base.clone() },
+                sample,
+                recursion,
             },
             // The patient CPU user's model: the whole train split, beats the KN bigram.
             "cpu-large" => Config {
@@ -129,6 +226,8 @@ impl Config {
                 data: DataConfig { train_lines: 0, eval_lines: 0, block_size: 64 },
                 model: small(4096, 128, 2, 4),
                 train: TrainConfig { epochs: 2.0, eval_interval: 250, ..base.clone() },
+                sample,
+                recursion,
             },
             // GPU scale.
             "paper" => Config {
@@ -147,6 +246,8 @@ impl Config {
                     patience: 4,
                     ..base
                 },
+                sample,
+                recursion: RecursionConfig { generations: 10, ..recursion },
             },
             other => {
                 return usage(format!("unknown preset '{other}' (expected one of: {})", PRESETS.join(", ")))
@@ -218,9 +319,20 @@ impl Config {
                 return usage(format!("{name} must be {expected}"));
             }
         }
-        if self.data.block_size >= self.model.ctx {
+        self.sample.sampler().validate().map_err(UsageError)?;
+        if self.sample.batch_size == 0 {
+            return usage("sample.batch_size must be at least 1");
+        }
+        let r = &self.recursion;
+        if r.generations == 0 {
+            return usage("--generations must be at least 1");
+        }
+        if !(0.0..=1.0).contains(&r.real_fraction) {
+            return usage(format!("--real-fraction must be in [0, 1], got {}", r.real_fraction));
+        }
+        if 2 * self.data.block_size > self.model.ctx + 1 {
             return usage(format!(
-                "data.block_size ({}) must be smaller than model.ctx ({}): a prompt block and its continuation must fit",
+                "data.block_size ({}) is too large for model.ctx ({}): a prompt block and its continuation must fit",
                 self.data.block_size, self.model.ctx
             ));
         }

@@ -12,6 +12,7 @@ pub mod config;
 pub mod data;
 pub mod metrics;
 pub mod model;
+pub mod recursion;
 pub mod run_dir;
 pub mod sample;
 pub mod sampler;

@@ -96,6 +96,41 @@ impl Tokenizer {
         Ok(enc.get_ids().to_vec())
     }
 
+    /// Tokens of one line and, for each token, the index of the whitespace-separated word it belongs
+    /// to (a lone space token, as before `<unk>`, belongs to the word after it).
+    pub fn encode_words(&self, line: &str) -> Result<(Vec<u32>, Vec<usize>)> {
+        let line = line.trim();
+        let enc = self.inner.encode(line, false).map_err(|e| anyhow::anyhow!("encoding {line:?}: {e}"))?;
+        let mut starts = Vec::new(); // byte offset where each word starts
+        let mut ends = Vec::new();
+        let mut in_word = false;
+        for (i, c) in line.char_indices() {
+            match (c.is_whitespace(), in_word) {
+                (false, false) => (starts.push(i), in_word = true).1,
+                (true, true) => (ends.push(i), in_word = false).1,
+                _ => {}
+            }
+        }
+        if in_word {
+            ends.push(line.len());
+        }
+        let last_word = starts.len().saturating_sub(1);
+        let words = enc
+            .get_offsets()
+            .iter()
+            .map(|&(s, e)| {
+                let probe = if e > s { e - 1 } else { s };
+                let n = starts.partition_point(|&ws| ws <= probe); // words starting at or before probe
+                match n.checked_sub(1) {
+                    Some(w) if probe < ends[w] => w,
+                    Some(w) => (w + 1).min(last_word),
+                    None => 0,
+                }
+            })
+            .collect();
+        Ok((enc.get_ids().to_vec(), words))
+    }
+
     /// One token stream for many lines: `line₁ EOT line₂ EOT …`, empty lines skipped, preceded by
     /// an EOT so that the first line has the same left context as every other.
     pub fn encode_lines<S: AsRef<str> + Sync>(&self, lines: &[S]) -> Result<Vec<u32>> {
@@ -156,6 +191,30 @@ mod tests {
         assert_eq!(stream.iter().filter(|&&t| t == tok.eot).count(), 5);
         let text: Vec<&str> = LINES.iter().map(|l| l.trim()).collect();
         assert_eq!(tok.decode(&stream), format!("\n{}\n", text.join("\n")));
+    }
+
+    #[test]
+    fn tokens_know_their_words() {
+        let tok = Tokenizer::train(&corpus(), 300).unwrap();
+        let line = "the <unk> system , is carried";
+        let (ids, words) = tok.encode_words(line).unwrap();
+        assert_eq!(ids, tok.encode(line).unwrap());
+        let text: Vec<&str> = line.split_whitespace().collect();
+        for (w, word) in text.iter().enumerate() {
+            let pieces: Vec<u32> = ids.iter().zip(&words).filter(|(_, &x)| x == w).map(|(&t, _)| t).collect();
+            assert_eq!(tok.decode(&pieces).trim(), *word, "word {w}");
+        }
+    }
+
+    #[test]
+    fn round_trips_real_wikitext_lines() {
+        let path = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("data/wikitext-2/wiki.valid.tokens");
+        let lines = crate::data::read_text_lines(&path).unwrap();
+        let lines = &lines[..400];
+        let tok = Tokenizer::train(lines, 1000).unwrap();
+        for line in lines {
+            assert_eq!(tok.decode(&tok.encode(line).unwrap()), *line);
+        }
     }
 
     #[test]

@@ -87,3 +87,108 @@ pub fn stream_nats(
     }
     Ok(total)
 }
+
+/// Which words a token belongs to, by the word's count in the real train split (SPEC §2).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum WordClass {
+    /// count ≤ 10
+    Rare,
+    /// count ≥ 1000
+    Common,
+    Other,
+    /// the end-of-line token, part of no word
+    Boundary,
+}
+
+pub const RARE_MAX: u64 = 10;
+pub const COMMON_MIN: u64 = 1000;
+
+impl WordClass {
+    pub fn of_count(count: u64) -> Self {
+        if count <= RARE_MAX {
+            WordClass::Rare
+        } else if count >= COMMON_MIN {
+            WordClass::Common
+        } else {
+            WordClass::Other
+        }
+    }
+}
+
+/// A real split ready for evaluation: its token stream (as `Tokenizer::encode_lines` makes it),
+/// the word class of every stream position, and its word count (words + one end-of-line per line).
+pub struct EvalSet {
+    pub stream: Vec<u32>,
+    pub classes: Vec<WordClass>,
+    pub words: u64,
+}
+
+impl EvalSet {
+    /// `count(word)` gives a word's count in the real train split.
+    pub fn new<S: AsRef<str>>(
+        tok: &crate::tokenizer::Tokenizer,
+        lines: &[S],
+        count: impl Fn(&str) -> u64,
+    ) -> anyhow::Result<Self> {
+        let mut stream = vec![tok.eot];
+        let mut classes = vec![WordClass::Boundary];
+        for line in lines.iter().map(|l| l.as_ref().trim()).filter(|l| !l.is_empty()) {
+            let words: Vec<&str> = line.split_whitespace().collect();
+            let word_class: Vec<WordClass> = words.iter().map(|w| WordClass::of_count(count(w))).collect();
+            let (ids, word_of) = tok.encode_words(line)?;
+            stream.extend(ids);
+            classes.extend(word_of.into_iter().map(|w| word_class[w]));
+            stream.push(tok.eot);
+            classes.push(WordClass::Boundary);
+        }
+        Ok(Self { stream, classes, words: crate::data::words_with_eol(lines) as u64 })
+    }
+}
+
+/// A model's perplexities on one real split.
+#[derive(Debug, Clone, Copy, Serialize, Deserialize, PartialEq)]
+pub struct SplitPerplexity {
+    pub ppl: f64,
+    pub word_ppl: f64,
+    pub ppl_rare: f64,
+    pub ppl_common: f64,
+    pub tokens: u64,
+    pub words: u64,
+}
+
+/// Scores every block of `set` (non-overlapping blocks of `block` predicted tokens, each on its own)
+/// and splits the nats by word class.
+pub fn split_perplexity(model: &Gpt, set: &EvalSet, block: usize, dev: &Device) -> Result<SplitPerplexity> {
+    let blocks = eval_blocks(&set.stream, block);
+    let (mut all, mut rare, mut common) = (Nats::default(), Nats::default(), Nats::default());
+    for (b, row) in sequence_nlls(model, &blocks, 32, dev)?.into_iter().enumerate() {
+        for (j, nll) in row.into_iter().enumerate() {
+            let nll = nll as f64;
+            all.add(nll, 1);
+            match set.classes[b * block + 1 + j] {
+                WordClass::Rare => rare.add(nll, 1),
+                WordClass::Common => common.add(nll, 1),
+                _ => {}
+            }
+        }
+    }
+    Ok(SplitPerplexity {
+        ppl: all.ppl(),
+        word_ppl: all.ppl_per(set.words),
+        ppl_rare: rare.ppl(),
+        ppl_common: common.ppl(),
+        tokens: all.predictions,
+        words: set.words,
+    })
+}
+
+/// Perplexity of each sequence on its own under `model`, the sequence preceded by the end-of-text
+/// token so that every one of its tokens is predicted ("no prompt, the sequence alone").
+pub fn sequence_ppls(model: &Gpt, seqs: &[&[u32]], eot: u32, dev: &Device) -> Result<Vec<f64>> {
+    let with_bos: Vec<Vec<u32>> = seqs.iter().map(|s| [&[eot], *s].concat()).collect();
+    let refs: Vec<&[u32]> = with_bos.iter().map(Vec::as_slice).collect();
+    Ok(sequence_nlls(model, &refs, 64, dev)?
+        .into_iter()
+        .map(|row| (row.iter().map(|&x| x as f64).sum::<f64>() / row.len().max(1) as f64).exp())
+        .collect())
+}

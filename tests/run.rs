@@ -1,0 +1,237 @@
+//! End-to-end tests of the recursion lab (`run`, `resume`, `inspect`, `metrics`) on the smoke preset.
+
+use serde_json::Value;
+use std::path::Path;
+use std::process::{Command, Output};
+
+fn run(args: &[&str]) -> Output {
+    Command::new(env!("CARGO_BIN_EXE_collapse-lab")).args(args).output().expect("the binary runs")
+}
+
+fn stderr(o: &Output) -> String {
+    String::from_utf8_lossy(&o.stderr).into_owned()
+}
+
+fn smoke_run(out: &Path, extra: &[&str]) -> Output {
+    let mut args = vec!["run", "--preset", "smoke", "--out", out.to_str().unwrap()];
+    args.extend_from_slice(extra);
+    let o = run(&args);
+    assert!(o.status.success(), "run failed: {}", stderr(&o));
+    o
+}
+
+fn rows(out: &Path) -> Vec<Value> {
+    std::fs::read_to_string(out.join("metrics.jsonl"))
+        .unwrap()
+        .lines()
+        .map(|l| serde_json::from_str(l).unwrap())
+        .collect()
+}
+
+/// Fields that are NaN (null) by definition when their set is empty: the smoke train split (150
+/// lines) has no word counted 1000 times and no trigram counted 100 times, so the common-word
+/// perplexity and the common-trigram control have nothing to measure.
+const MAY_BE_UNDEFINED: [&str; 2] = ["common_ngram_recall_3", "test_ppl_common"];
+
+const MODEL_FIELDS: [&str; 5] = ["test_ppl", "test_word_ppl", "test_ppl_rare", "valid_ppl", "valid_word_ppl"];
+const CORPUS_FIELDS: [&str; 17] = [
+    "ttr_at_n",
+    "mattr",
+    "distinct_1",
+    "distinct_2",
+    "distinct_3",
+    "rare_ngram_recall_1",
+    "rare_ngram_recall_2",
+    "rare_ngram_recall_3",
+    "common_ngram_recall_1",
+    "common_ngram_recall_2",
+    "novel_trigram_rate",
+    "unigram_js",
+    "zipf_alpha",
+    "unigram_entropy",
+    "gen0_seq_ppl_p5",
+    "gen0_seq_ppl_p50",
+    "gen0_seq_ppl_p95",
+];
+
+#[test]
+fn smoke_run_writes_every_metric_and_provenance() {
+    let tmp = tempfile::tempdir().unwrap();
+    let out = tmp.path().join("run");
+    let o = smoke_run(&out, &[]);
+    let table = String::from_utf8_lossy(&o.stdout);
+    assert_eq!(table.lines().filter(|l| l.trim_start().starts_with(['0', '1', '2'])).count(), 3, "{table}");
+
+    let rows = rows(&out);
+    assert_eq!(rows.len(), 4, "a row for the real split and each of 3 generations");
+    assert_eq!(rows[0]["generation"], "real");
+    for (g, row) in rows.iter().enumerate() {
+        let fields: Vec<&str> =
+            if g == 0 { CORPUS_FIELDS.to_vec() } else { [&MODEL_FIELDS[..], &CORPUS_FIELDS[..]].concat() };
+        for f in fields {
+            let v = row[f].as_f64().unwrap_or_else(|| panic!("row {g}: {f} missing or not a number: {row}"));
+            assert!(v.is_finite(), "row {g}: {f} = {v}");
+        }
+        for f in MAY_BE_UNDEFINED.iter().filter(|f| g > 0 || !f.starts_with("test")) {
+            assert!(row.get(*f).is_some(), "row {g}: {f} missing");
+        }
+        assert_eq!(row["gen0_seq_ppl_hist"].as_array().unwrap().len(), 20);
+        if g > 0 {
+            assert_eq!(row["generation"], g - 1);
+        }
+    }
+    // The real split against itself: every rare n-gram is recalled, nothing is novel.
+    assert_eq!(rows[0]["rare_ngram_recall_1"], 1.0);
+    assert_eq!(rows[0]["novel_trigram_rate"], 0.0);
+
+    let csv = std::fs::read_to_string(out.join("metrics.csv")).unwrap();
+    assert_eq!(csv.lines().count(), 5);
+    assert!(csv.starts_with("generation,"));
+
+    let state: Value = serde_json::from_slice(&std::fs::read(out.join("run.json")).unwrap()).unwrap();
+    for g in state["generations"].as_array().unwrap() {
+        assert_eq!(g["status"], "measured");
+        assert!(g["artifacts"]["corpus.jsonl"].as_str().unwrap().len() == 64);
+    }
+
+    let mut counts = vec![];
+    for g in 0..3 {
+        let dir = out.join(format!("gen-{g:02}"));
+        assert!(dir.join("model.safetensors").is_file() && dir.join("model.json").is_file());
+        let text = std::fs::read_to_string(dir.join("corpus.jsonl")).unwrap();
+        let mut n = 0;
+        for (i, line) in text.lines().enumerate() {
+            let r: Value = serde_json::from_str(line).unwrap();
+            assert_eq!(r["id"], i);
+            assert_eq!(r["generation"], g);
+            assert_eq!(r["prompt_id"], i);
+            assert!(r["prompt"].is_string() && r["text"].is_string());
+            assert_eq!(r["tokens"].as_array().unwrap().len(), 16, "one 16-token block per prompt");
+            assert_eq!(r["sampler"]["temperature"], 1.0);
+            assert_eq!(r["parent_model"], format!("gen-{g:02}/model.safetensors"));
+            assert!(r["gen0_ppl"].as_f64().unwrap().is_finite());
+            n += 1;
+        }
+        counts.push(n);
+    }
+    assert!(
+        counts[0] > 100 && counts.iter().all(|&c| c == counts[0]),
+        "same count every generation: {counts:?}"
+    );
+
+    // Lineage: generation 1 continues generation 0's text of the same block.
+    let gen0: Vec<Value> = std::fs::read_to_string(out.join("gen-00/corpus.jsonl"))
+        .unwrap()
+        .lines()
+        .map(|l| serde_json::from_str(l).unwrap())
+        .collect();
+    let gen1_first: Value = serde_json::from_str(
+        std::fs::read_to_string(out.join("gen-01/corpus.jsonl")).unwrap().lines().next().unwrap(),
+    )
+    .unwrap();
+    assert_eq!(gen1_first["prompt"], gen0[0]["text"]);
+
+    // inspect: a generation's texts, and one lineage across generations.
+    let o = run(&["inspect", out.to_str().unwrap(), "--generation", "1", "-n", "2"]);
+    assert!(o.status.success(), "{}", stderr(&o));
+    assert_eq!(String::from_utf8_lossy(&o.stdout).matches("--- generation 1").count(), 2);
+    let o = run(&["inspect", out.to_str().unwrap(), "--lineage", "5"]);
+    let text = String::from_utf8_lossy(&o.stdout);
+    for label in ["[real]", "[gen 0]", "[gen 1]", "[gen 2]"] {
+        assert!(text.contains(label), "{label} missing in:\n{text}");
+    }
+
+    // A finished run is not started again by accident, and resume says it is complete.
+    let o = run(&["run", "--preset", "smoke", "--out", out.to_str().unwrap()]);
+    assert_eq!(o.status.code(), Some(2));
+    assert!(stderr(&o).contains("already holds a run"));
+    let o = run(&["resume", out.to_str().unwrap()]);
+    assert!(String::from_utf8_lossy(&o.stdout).contains("complete"));
+}
+
+#[test]
+fn keep_real_and_accumulate_regimes_run() {
+    let tmp = tempfile::tempdir().unwrap();
+    for regime in ["keep-real", "accumulate", "accumulate-subsample"] {
+        let out = tmp.path().join(regime);
+        smoke_run(&out, &["--regime", regime, "--generations", "2", "--quiet"]);
+        let rows = rows(&out);
+        assert_eq!(rows.len(), 3);
+        let steps: Vec<u64> = rows[1..].iter().map(|r| r["train_tokens"].as_u64().unwrap()).collect();
+        match regime {
+            // Accumulate trains generation 1 on the real data plus generation 0's corpus: about twice.
+            "accumulate" => assert!(steps[1] as f64 > 1.8 * steps[0] as f64, "{steps:?}"),
+            _ => assert!((steps[1] as f64 - steps[0] as f64).abs() < 0.1 * steps[0] as f64, "{steps:?}"),
+        }
+    }
+}
+
+#[test]
+fn beam_and_free_modes_run() {
+    let tmp = tempfile::tempdir().unwrap();
+    let out = tmp.path().join("beam");
+    smoke_run(&out, &["--beam", "3", "--generations", "1", "--quiet", "--set", "data.train_lines=40"]);
+    let out = tmp.path().join("free");
+    smoke_run(&out, &["--prompt-mode", "free", "--generations", "1", "--quiet"]);
+    let first: Value = serde_json::from_str(
+        std::fs::read_to_string(out.join("gen-00/corpus.jsonl")).unwrap().lines().next().unwrap(),
+    )
+    .unwrap();
+    assert_eq!(first["tokens"].as_array().unwrap().len(), 31, "ctx − 1 tokens after the end-of-text prompt");
+}
+
+#[test]
+fn bad_run_settings_give_one_line_errors() {
+    let tmp = tempfile::tempdir().unwrap();
+    let out = tmp.path().join("r");
+    let o_ = out.to_str().unwrap();
+    let cases: [(&[&str], &str); 11] = [
+        (&["--temperature", "-1"], "--temperature"),
+        (&["--top-p", "0"], "--top-p"),
+        (&["--top-p", "1.5"], "--top-p"),
+        (&["--top-k", "0"], "--top-k"),
+        (&["--beam", "0"], "--beam"),
+        (&["--real-fraction", "1.5"], "--real-fraction"),
+        (&["--real-fraction", "-0.1"], "--real-fraction"),
+        (&["--generations", "0"], "--generations"),
+        (&["--regime", "recycle"], "recycle"),
+        (&["--repetition-penalty", "0"], "--repetition-penalty"),
+        (&["--set", "recursion.regime=\"recycle\""], "recursion.regime"),
+    ];
+    for (flags, culprit) in cases {
+        let mut args = vec!["run", "--preset", "smoke", "--quiet", "--out", o_];
+        args.extend_from_slice(flags);
+        let o = run(&args);
+        let err = stderr(&o);
+        assert_eq!(o.status.code(), Some(2), "{flags:?}: {err}");
+        assert!(err.contains(culprit), "{flags:?}: stderr should name {culprit}: {err}");
+        assert!(!err.contains("panicked"), "{err}");
+        assert!(!out.exists(), "{flags:?}: nothing may be written for a bad setting");
+    }
+    let o = run(&["resume", tmp.path().to_str().unwrap()]);
+    assert!(!o.status.success() && stderr(&o).contains("not a run directory"), "{}", stderr(&o));
+}
+
+#[test]
+fn metrics_command_measures_any_two_texts() {
+    let tmp = tempfile::tempdir().unwrap();
+    let reference = tmp.path().join("ref.txt");
+    let corpus = tmp.path().join("corpus.txt");
+    std::fs::write(&reference, "a b a c\n").unwrap();
+    std::fs::write(&corpus, "a b\n").unwrap();
+    let o = run(&[
+        "metrics",
+        "--reference",
+        reference.to_str().unwrap(),
+        "--corpus",
+        corpus.to_str().unwrap(),
+        "--json",
+    ]);
+    assert!(o.status.success(), "{}", stderr(&o));
+    let m: Value = serde_json::from_slice(&o.stdout).unwrap();
+    // Reference "a b a c": unigrams a:2, b:1, c:1; rare (count ≤ 5) = {a, b, c}; the corpus has a, b.
+    assert!((m["rare_ngram_recall_1"].as_f64().unwrap() - 2.0 / 3.0).abs() < 1e-12);
+    assert_eq!(m["ttr_at_n"], 1.0);
+    let o = run(&["metrics", "--reference", "/nonexistent.txt", "--corpus", corpus.to_str().unwrap()]);
+    assert!(!o.status.success() && stderr(&o).contains("/nonexistent.txt"));
+}
