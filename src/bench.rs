@@ -3,8 +3,8 @@
 //! compared on one machine. Warm-up iterations, then the median of timed ones.
 
 use crate::config::{Config, TrainConfig};
-use crate::model::{self, init_model, ModelConfig};
-use crate::train::AdamW;
+use crate::model::{init_model, ModelConfig};
+use crate::train::Engine;
 use anyhow::Result;
 use candle_core::{Device, Tensor};
 use rand::{Rng, SeedableRng};
@@ -50,10 +50,9 @@ pub struct TrainBench {
     pub shape: BenchShape,
     pub params: usize,
     pub threads: usize,
+    /// "fast" (the hand-written CPU path) or "candle" (autograd).
+    pub engine: String,
     pub median_step_s: f64,
-    pub median_forward_s: f64,
-    pub median_backward_s: f64,
-    pub median_optimizer_s: f64,
     pub tokens_per_s: f64,
     pub first_loss: f64,
     pub last_loss: f64,
@@ -70,29 +69,20 @@ pub fn bench_train(shape: &BenchShape, warmup: usize, iters: usize, dev: &Device
     let (model, varmap) = init_model(cfg, 0, dev)?;
     let tc =
         TrainConfig { lr: 3e-4, weight_decay: 0.1, beta1: 0.9, beta2: 0.95, ..Config::preset("cpu")?.train };
-    let mut opt = AdamW::new(&varmap, &tc)?;
+    let mut engine = Engine::new(&model, &varmap, &tc, dev)?;
     let mut rng = ChaCha8Rng::seed_from_u64(0);
     let (b, t) = (shape.batch, cfg.ctx);
-    let (mut step, mut fwd, mut bwd, mut optim, mut losses) = (vec![], vec![], vec![], vec![], vec![]);
+    let (mut step, mut losses) = (vec![], vec![]);
     for i in 0..warmup + iters {
         let data: Vec<u32> = (0..b * (t + 1)).map(|_| rng.random_range(0..cfg.vocab_size as u32)).collect();
         let data = Tensor::from_vec(data, (b, t + 1), dev)?;
         let (x, y) = (data.narrow(1, 0, t)?, data.narrow(1, 1, t)?.contiguous()?);
         let t0 = Instant::now();
-        let loss = model::loss(&model.forward(&x, None)?, &y)?;
-        let loss_v = loss.to_scalar::<f32>()? as f64;
+        let (loss_v, _) = engine.step(&model, &x, &y, None, tc.lr, &tc)?;
         let t1 = Instant::now();
-        let grads = loss.backward()?;
-        let t2 = Instant::now();
-        let norm = opt.grad_norm(&grads)?;
-        opt.step(&grads, tc.lr, if norm > 1.0 { 1.0 / norm } else { 1.0 })?;
-        let t3 = Instant::now();
         losses.push(loss_v);
         if i >= warmup {
-            step.push((t3 - t0).as_secs_f64());
-            fwd.push((t1 - t0).as_secs_f64());
-            bwd.push((t2 - t1).as_secs_f64());
-            optim.push((t3 - t2).as_secs_f64());
+            step.push((t1 - t0).as_secs_f64());
         }
     }
     let median_step_s = median(step);
@@ -100,10 +90,11 @@ pub fn bench_train(shape: &BenchShape, warmup: usize, iters: usize, dev: &Device
         shape: shape.clone(),
         params: cfg.n_params(),
         threads: threads(),
+        engine: match engine {
+            Engine::Fast(_) => "fast".into(),
+            Engine::Candle(_) => "candle".into(),
+        },
         median_step_s,
-        median_forward_s: median(fwd),
-        median_backward_s: median(bwd),
-        median_optimizer_s: median(optim),
         tokens_per_s: (b * t) as f64 / median_step_s,
         first_loss: losses[0],
         last_loss: *losses.last().unwrap_or(&f64::NAN),
@@ -116,4 +107,58 @@ pub fn threads() -> usize {
         .ok()
         .and_then(|s| s.parse().ok())
         .unwrap_or_else(|| std::thread::available_parallelism().map(|n| n.get()).unwrap_or(1))
+}
+
+/// Timings of batched KV-cache sampling (temperature 1), as `torch_gpt.py sample` does it.
+#[derive(Debug, Clone, Serialize)]
+pub struct SampleBench {
+    pub shape: BenchShape,
+    pub params: usize,
+    pub threads: usize,
+    pub prompts: usize,
+    pub prompt_len: usize,
+    pub new: usize,
+    pub median_s: f64,
+    pub new_tokens_per_s: f64,
+}
+
+/// Benchmarks [`crate::sample::generate`]: `prompts` random prompts of `prompt_len` tokens, `new`
+/// new tokens each, on a randomly initialised model.
+pub fn bench_sample(
+    shape: &BenchShape,
+    prompts: usize,
+    prompt_len: usize,
+    new: usize,
+    iters: usize,
+    dev: &Device,
+) -> Result<SampleBench> {
+    let cfg = &shape.model;
+    anyhow::ensure!(prompt_len + new <= cfg.ctx, "--prompt-len + --new must fit the context ({})", cfg.ctx);
+    let (model, _) = init_model(cfg, 0, dev)?;
+    let model = model.detached();
+    let mut rng = ChaCha8Rng::seed_from_u64(0);
+    let data: Vec<Vec<u32>> = (0..prompts)
+        .map(|_| (0..prompt_len).map(|_| rng.random_range(0..cfg.vocab_size as u32)).collect())
+        .collect();
+    let refs: Vec<&[u32]> = data.iter().map(Vec::as_slice).collect();
+    let seeds: Vec<u64> = (0..prompts as u64).collect();
+    let decoding = crate::sample::Decoding { sampler: crate::sampler::SamplerSettings::default(), beam: 0 };
+    crate::sample::generate(&model, &refs, new, &decoding, &seeds, dev)?; // warm-up
+    let mut times = vec![];
+    for _ in 0..iters {
+        let t0 = Instant::now();
+        crate::sample::generate(&model, &refs, new, &decoding, &seeds, dev)?;
+        times.push(t0.elapsed().as_secs_f64());
+    }
+    let median_s = median(times);
+    Ok(SampleBench {
+        shape: shape.clone(),
+        params: cfg.n_params(),
+        threads: threads(),
+        prompts,
+        prompt_len,
+        new,
+        median_s,
+        new_tokens_per_s: (prompts * new) as f64 / median_s,
+    })
 }

@@ -247,7 +247,16 @@ pub struct BenchArgs {
     /// Timed iterations (the median is reported)
     #[arg(long, default_value_t = 10)]
     pub iters: usize,
-    /// Print one JSON object
+    /// Sampling: prompts generated at once
+    #[arg(long, default_value_t = 64)]
+    pub prompts: usize,
+    /// Sampling: tokens per prompt
+    #[arg(long, default_value_t = 64)]
+    pub prompt_len: usize,
+    /// Sampling: new tokens per prompt
+    #[arg(long, default_value_t = 64)]
+    pub new: usize,
+    /// Print one JSON line `RESULT {...}`
     #[arg(long)]
     pub json: bool,
     /// cpu, cuda, cuda:N, or auto
@@ -454,22 +463,30 @@ fn bench(a: BenchArgs) -> Result<()> {
                 println!("RESULT {}", serde_json::to_string(&r)?);
             } else {
                 println!(
-                    "train config {} ({} params, {} threads): {:.0} tokens/s, median step {:.1} ms \
-                     (forward {:.1}, backward {:.1}, optimizer {:.1}); loss {:.3} -> {:.3}",
+                    "train config {} ({} params, {} threads, {} engine): {:.0} tokens/s, median step {:.1} ms; \
+                     loss {:.3} -> {:.3}",
                     r.shape.name,
                     r.params,
                     r.threads,
+                    r.engine,
                     r.tokens_per_s,
                     r.median_step_s * 1e3,
-                    r.median_forward_s * 1e3,
-                    r.median_backward_s * 1e3,
-                    r.median_optimizer_s * 1e3,
                     r.first_loss,
                     r.last_loss
                 );
             }
         }
-        BenchMode::Sample => return usage("--mode sample: not built yet"),
+        BenchMode::Sample => {
+            let r = crate::bench::bench_sample(&shape, a.prompts, a.prompt_len, a.new, a.iters, &dev)?;
+            if a.json {
+                println!("RESULT {}", serde_json::to_string(&r)?);
+            } else {
+                println!(
+                    "sample config {} ({} params, {} threads): {:.0} new tokens/s, {} prompts x {} + {} new, median {:.3} s",
+                    r.shape.name, r.params, r.threads, r.new_tokens_per_s, r.prompts, r.prompt_len, r.new, r.median_s
+                );
+            }
+        }
     }
     Ok(())
 }

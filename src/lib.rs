@@ -10,6 +10,7 @@ pub mod checkpoint;
 pub mod cli;
 pub mod config;
 pub mod data;
+pub mod fast;
 pub mod metrics;
 pub mod model;
 pub mod recursion;

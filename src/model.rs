@@ -329,6 +329,32 @@ impl Gpt {
         }
     }
 
+    /// Every weight under its checkpoint name (what [`crate::fast`] converts from).
+    pub fn named_tensors(&self) -> Vec<(String, Tensor)> {
+        let mut out =
+            vec![("wte.weight".to_string(), self.wte.clone()), ("wpe.weight".to_string(), self.wpe.clone())];
+        for (i, b) in self.blocks.iter().enumerate() {
+            let p = |s: &str| format!("h.{i}.{s}");
+            out.extend([
+                (p("ln_1.weight"), b.ln_1.weight.clone()),
+                (p("ln_1.bias"), b.ln_1.bias.clone()),
+                (p("attn.c_attn.weight"), b.attn.c_attn.weight.clone()),
+                (p("attn.c_attn.bias"), b.attn.c_attn.bias.clone()),
+                (p("attn.c_proj.weight"), b.attn.c_proj.weight.clone()),
+                (p("attn.c_proj.bias"), b.attn.c_proj.bias.clone()),
+                (p("ln_2.weight"), b.ln_2.weight.clone()),
+                (p("ln_2.bias"), b.ln_2.bias.clone()),
+                (p("mlp.c_fc.weight"), b.mlp.c_fc.weight.clone()),
+                (p("mlp.c_fc.bias"), b.mlp.c_fc.bias.clone()),
+                (p("mlp.c_proj.weight"), b.mlp.c_proj.weight.clone()),
+                (p("mlp.c_proj.bias"), b.mlp.c_proj.bias.clone()),
+            ]);
+        }
+        out.push(("ln_f.weight".to_string(), self.ln_f.weight.clone()));
+        out.push(("ln_f.bias".to_string(), self.ln_f.bias.clone()));
+        out
+    }
+
     /// idx: (B, T) u32 tokens → logits (B, T, V). The training and evaluation forward.
     pub fn forward(&self, idx: &Tensor, drop: Option<Dropout>) -> Result<Tensor> {
         let mut drop = drop;

@@ -4,6 +4,7 @@
 //! Every prompt has its own RNG stream (seeded from the run seed, the generation and the prompt id),
 //! so a sequence's text does not depend on which other prompts share its batch.
 
+use crate::fast::{FastDecoder, Weights};
 use crate::model::{Gpt, KvCache};
 use crate::sampler::{beam_logprobs, beam_step, Sampler, SamplerSettings};
 use anyhow::{bail, Result};
@@ -24,6 +25,62 @@ pub struct Decoding {
 impl Decoding {
     pub fn validate(&self) -> std::result::Result<(), String> {
         self.sampler.validate()
+    }
+}
+
+/// Something that extends a batch of rows by some tokens and returns each row's next-token logits:
+/// the fast CPU decoder or candle's model with its KV cache.
+trait Decoder {
+    /// tokens: (rows, t) → logits (rows, V), row-major.
+    fn forward(&mut self, tokens: &[&[u32]]) -> Result<Vec<f32>>;
+    /// The new row i continues old row rows[i].
+    fn select_rows(&mut self, rows: &[usize]) -> Result<()>;
+}
+
+struct CandleDecoder<'a> {
+    model: &'a Gpt,
+    cache: KvCache,
+    dev: &'a Device,
+}
+
+impl Decoder for CandleDecoder<'_> {
+    fn forward(&mut self, tokens: &[&[u32]]) -> Result<Vec<f32>> {
+        let logits = self.model.forward_cached(&tensor(tokens, self.dev)?, &mut self.cache)?; // (B, V)
+        Ok(logits.flatten_all()?.to_vec1::<f32>()?)
+    }
+
+    fn select_rows(&mut self, rows: &[usize]) -> Result<()> {
+        let idx: Vec<u32> = rows.iter().map(|&r| r as u32).collect();
+        Ok(self.cache.select_rows(&Tensor::from_vec(idx, rows.len(), self.dev)?)?)
+    }
+}
+
+impl Decoder for FastDecoder<'_> {
+    fn forward(&mut self, tokens: &[&[u32]]) -> Result<Vec<f32>> {
+        let t = tokens[0].len();
+        let flat: Vec<u32> = tokens.iter().flat_map(|r| r.iter().copied()).collect();
+        Ok(FastDecoder::forward(self, &flat, t))
+    }
+
+    fn select_rows(&mut self, rows: &[usize]) -> Result<()> {
+        FastDecoder::select_rows(self, rows);
+        Ok(())
+    }
+}
+
+/// Runs `f` with the decoder for `model` on `dev`: the fast kernels on CPU (unless
+/// `COLLAPSE_LAB_REFERENCE` is set), candle's ops elsewhere.
+fn with_decoder<T>(
+    model: &Gpt,
+    rows: usize,
+    dev: &Device,
+    f: impl FnOnce(&mut dyn Decoder) -> Result<T>,
+) -> Result<T> {
+    if dev.is_cpu() && std::env::var_os("COLLAPSE_LAB_REFERENCE").is_none() {
+        let w = Weights::from_gpt(model)?;
+        f(&mut FastDecoder::new(&model.cfg, &w, rows))
+    } else {
+        f(&mut CandleDecoder { model, cache: KvCache::new(model.cfg.n_layer), dev })
     }
 }
 
@@ -57,40 +114,44 @@ pub fn generate(
             model.cfg.ctx
         );
     }
+    let vocab = model.cfg.vocab_size;
+    if prompts.iter().any(|p| p.len() != prompts[0].len()) {
+        bail!("all prompts of a batch must have the same length");
+    }
     if decoding.beam > 1 {
-        beam_generate(model, prompts, new_tokens, decoding, dev)
+        with_decoder(model, prompts.len(), dev, |d| beam_generate(d, vocab, prompts, new_tokens, decoding))
     } else {
-        sample_generate(model, prompts, new_tokens, &decoding.sampler, seeds, dev)
+        with_decoder(model, prompts.len(), dev, |d| {
+            sample_generate(d, vocab, prompts, new_tokens, &decoding.sampler, seeds)
+        })
     }
 }
 
 fn sample_generate(
-    model: &Gpt,
+    dec: &mut dyn Decoder,
+    vocab: usize,
     prompts: &[&[u32]],
     new_tokens: usize,
     settings: &SamplerSettings,
     seeds: &[u64],
-    dev: &Device,
 ) -> Result<Vec<Vec<u32>>> {
     let mut sampler = Sampler::new(*settings).map_err(anyhow::Error::msg)?;
     let mut rngs: Vec<ChaCha8Rng> = seeds.iter().map(|&s| ChaCha8Rng::seed_from_u64(s)).collect();
     // Context of each row (prompt + generated so far), for the repetition penalty.
     let mut context: Vec<Vec<u32>> = prompts.iter().map(|p| p.to_vec()).collect();
-    let mut cache = KvCache::new(model.cfg.n_layer);
-    let mut logits = model.forward_cached(&tensor(prompts, dev)?, &mut cache)?; // (B, V)
+    let mut logits = dec.forward(prompts)?; // (B, V)
     let mut out: Vec<Vec<u32>> = vec![Vec::with_capacity(new_tokens); prompts.len()];
     for step in 0..new_tokens {
-        let rows = logits.to_vec2::<f32>()?;
         let mut next = Vec::with_capacity(prompts.len());
-        for (i, mut row) in rows.into_iter().enumerate() {
-            let tok = sampler.choose(&mut row, &context[i], &mut rngs[i]);
+        for (i, row) in logits.chunks_mut(vocab).enumerate() {
+            let tok = sampler.choose(row, &context[i], &mut rngs[i]);
             context[i].push(tok);
             out[i].push(tok);
-            next.push(tok);
+            next.push([tok]);
         }
         if step + 1 < new_tokens {
-            let x = Tensor::from_vec(next, (prompts.len(), 1), dev)?; // (B, 1)
-            logits = model.forward_cached(&x, &mut cache)?;
+            let rows: Vec<&[u32]> = next.iter().map(|t| &t[..]).collect(); // (B, 1)
+            logits = dec.forward(&rows)?;
         }
     }
     Ok(out)
@@ -99,17 +160,16 @@ fn sample_generate(
 /// Fixed-length beam search for every prompt at once: B prompts × W beams are the rows of one
 /// batch, and the KV cache is reordered after each step to follow the surviving beams.
 fn beam_generate(
-    model: &Gpt,
+    dec: &mut dyn Decoder,
+    vocab: usize,
     prompts: &[&[u32]],
     new_tokens: usize,
     decoding: &Decoding,
-    dev: &Device,
 ) -> Result<Vec<Vec<u32>>> {
     let (b, w) = (prompts.len(), decoding.beam);
     let penalty = decoding.sampler.repetition_penalty;
-    let mut cache = KvCache::new(model.cfg.n_layer);
-    let first = model.forward_cached(&tensor(prompts, dev)?, &mut cache)?.to_vec2::<f32>()?; // (B, V)
-                                                                                             // beams[p] = (score, context tokens) of prompt p's live beams.
+    let first: Vec<Vec<f32>> = dec.forward(prompts)?.chunks(vocab).map(<[f32]>::to_vec).collect(); // (B, V)
+                                                                                                   // beams[p] = (score, context tokens) of prompt p's live beams.
     let mut beams: Vec<Vec<(f64, Vec<u32>)>> = prompts.iter().map(|p| vec![(0.0, p.to_vec())]).collect();
     let mut rows_logits: Vec<Vec<Vec<f32>>> = first.into_iter().map(|r| vec![r]).collect();
     for step in 0..new_tokens {
@@ -133,7 +193,7 @@ fn beam_generate(
                 })
                 .collect();
             for c in &cands {
-                parents.push((row_base + c.parent) as u32);
+                parents.push(row_base + c.parent);
                 last.push(c.token);
             }
             row_base += beams[p].len();
@@ -142,10 +202,11 @@ fn beam_generate(
         if step + 1 == new_tokens {
             break;
         }
-        let rows = parents.len();
-        cache.select_rows(&Tensor::from_vec(parents, rows, dev)?)?;
-        let logits = model.forward_cached(&Tensor::from_vec(last, (rows, 1), dev)?, &mut cache)?;
-        let mut it = logits.to_vec2::<f32>()?.into_iter();
+        dec.select_rows(&parents)?;
+        let last: Vec<[u32; 1]> = last.into_iter().map(|t| [t]).collect();
+        let rows: Vec<&[u32]> = last.iter().map(|t| &t[..]).collect();
+        let logits = dec.forward(&rows)?;
+        let mut it = logits.chunks(vocab).map(<[f32]>::to_vec);
         rows_logits = beams.iter().map(|bs| it.by_ref().take(bs.len()).collect()).collect();
     }
     // beam_step returns candidates best first, so beam 0 is the most probable sequence.
@@ -208,6 +269,20 @@ mod tests {
             seq.push(crate::sampler::argmax(&l));
         }
         assert_eq!(got[0], seq[2..]);
+    }
+
+    #[test]
+    fn fast_and_candle_decoders_sample_the_same_tokens() {
+        let m = model();
+        let d = Decoding { sampler: SamplerSettings::default(), beam: 0 };
+        let prompts: [&[u32]; 3] = [&[1, 2, 3], &[4, 5, 6], &[7, 8, 9]];
+        let fast = with_decoder(&m, 3, &Device::Cpu, |dec| {
+            sample_generate(dec, 13, &prompts, 8, &d.sampler, &[1, 2, 3])
+        })
+        .unwrap();
+        let mut dec = CandleDecoder { model: &m, cache: KvCache::new(1), dev: &Device::Cpu };
+        let reference = sample_generate(&mut dec, 13, &prompts, 8, &d.sampler, &[1, 2, 3]).unwrap();
+        assert_eq!(fast, reference);
     }
 
     #[test]

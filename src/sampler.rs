@@ -240,7 +240,7 @@ fn exp_weights(x: &mut [f32], temperature: f32) -> f64 {
         }
     } else {
         for v in x.iter_mut() {
-            *v = ((*v - max) / temperature).exp();
+            *v = crate::fast::fast_exp((*v - max) / temperature);
         }
     }
     x.iter().map(|&v| f64::from(v)).sum()

@@ -141,6 +141,76 @@ impl AdamW {
     }
 }
 
+/// What performs a training step: the hand-written CPU path ([`crate::fast`]) when it applies
+/// (CPU, no dropout, `COLLAPSE_LAB_REFERENCE` unset), else candle autograd with [`AdamW`] (CUDA,
+/// dropout, or the reference path on request).
+pub enum Engine {
+    Fast(Box<crate::fast::FastGpt>),
+    Candle(AdamW),
+}
+
+impl Engine {
+    pub fn new(model: &Gpt, varmap: &VarMap, cfg: &TrainConfig, dev: &Device) -> Result<Self> {
+        Ok(
+            if dev.is_cpu()
+                && model.cfg.dropout == 0.0
+                && std::env::var_os("COLLAPSE_LAB_REFERENCE").is_none()
+            {
+                Engine::Fast(Box::new(crate::fast::FastGpt::from_varmap(&model.cfg, varmap)?))
+            } else {
+                Engine::Candle(AdamW::new(varmap, cfg)?)
+            },
+        )
+    }
+
+    /// Forward, backward, clipping and AdamW on one batch; returns (loss, gradient norm before
+    /// clipping). A non-finite loss or norm returns before the update.
+    #[allow(clippy::too_many_arguments)]
+    pub fn step(
+        &mut self,
+        model: &Gpt,
+        x: &Tensor,
+        y: &Tensor,
+        drop: Option<Dropout>,
+        lr: f64,
+        cfg: &TrainConfig,
+    ) -> Result<(f64, f64)> {
+        let clip =
+            |norm: f64| if cfg.grad_clip > 0.0 && norm > cfg.grad_clip { cfg.grad_clip / norm } else { 1.0 };
+        match self {
+            Engine::Fast(f) => {
+                let (b, t) = x.dims2()?;
+                let loss =
+                    f.forward_backward(&x.flatten_all()?.to_vec1()?, &y.flatten_all()?.to_vec1()?, b, t)
+                        as f64;
+                let norm = f.grad_norm();
+                if loss.is_finite() && norm.is_finite() {
+                    f.adamw(lr, clip(norm), cfg.beta1, cfg.beta2, cfg.weight_decay);
+                }
+                Ok((loss, norm))
+            }
+            Engine::Candle(opt) => {
+                let loss = model::loss(&model.forward(x, drop)?, y)?;
+                let loss_value = loss.to_scalar::<f32>()? as f64;
+                let grads = loss.backward()?;
+                let norm = opt.grad_norm(&grads)?;
+                if loss_value.is_finite() && norm.is_finite() {
+                    opt.step(&grads, lr, clip(norm))?;
+                }
+                Ok((loss_value, norm))
+            }
+        }
+    }
+
+    /// Makes the candle variables hold the current weights (before evaluation or a checkpoint).
+    pub fn sync(&mut self, varmap: &VarMap) -> Result<()> {
+        if let Engine::Fast(f) = self {
+            f.store(varmap)?;
+        }
+        Ok(())
+    }
+}
+
 /// Where and how quietly to train.
 pub struct TrainTarget<'a> {
     /// The best checkpoint is written here (atomically) whenever validation improves.
@@ -168,7 +238,7 @@ pub fn train(
     let total = planned_steps(cfg, ctx, train.len());
     let mut batcher = Batcher::new(train, ctx, cfg.batch_size, seed)?;
     let mut dropout_rng = ChaCha8Rng::seed_from_u64(seed ^ 0xd20b_0u64);
-    let mut opt = AdamW::new(varmap, cfg)?;
+    let mut engine = Engine::new(model, varmap, cfg, dev)?;
     let bar = progress_bar(total as u64, target.quiet, &target.label);
     let started = Instant::now();
     let (mut best, mut best_step, mut since_best) = (f64::INFINITY, 0usize, 0usize);
@@ -179,10 +249,7 @@ pub fn train(
         let lr = lr_at(step, total, cfg);
         let (x, y) = batcher.next(dev)?;
         let drop = (model.cfg.dropout > 0.0).then(|| Dropout { p: model.cfg.dropout, rng: &mut dropout_rng });
-        let loss = model::loss(&model.forward(&x, drop)?, &y)?;
-        let loss_value = loss.to_scalar::<f32>()? as f64;
-        let grads = loss.backward()?;
-        let norm = opt.grad_norm(&grads)?;
+        let (loss_value, norm) = engine.step(model, &x, &y, drop, lr, cfg)?;
         if !loss_value.is_finite() || !norm.is_finite() {
             bar.abandon();
             bail!(
@@ -193,8 +260,6 @@ pub fn train(
                 target.checkpoint.display()
             );
         }
-        let scale = if cfg.grad_clip > 0.0 && norm > cfg.grad_clip { cfg.grad_clip / norm } else { 1.0 };
-        opt.step(&grads, lr, scale)?;
         last_loss = loss_value;
         steps = step + 1;
         bar.inc(1);
@@ -202,6 +267,7 @@ pub fn train(
         bar.set_message(format!("loss {loss_value:.3} | {tok_s:.0} tok/s | best valid {best:.3}"));
 
         if steps % cfg.eval_interval == 0 || steps == total {
+            engine.sync(varmap)?;
             let valid_loss = stream_nats(&model.detached(), valid, block, cfg.eval_blocks, dev)?.mean();
             if valid_loss < best {
                 (best, best_step, since_best) = (valid_loss, steps, 0);
