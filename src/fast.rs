@@ -305,8 +305,8 @@ pub struct FastDecoder<'a> {
     w: &'a Weights,
     rows: usize,
     pos: usize,
-    k: Vec<Vec<f32>>, // per layer (rows, ctx, C)
-    v: Vec<Vec<f32>>, // per layer (rows, ctx, C)
+    k: Vec<Vec<f32>>, // per layer (rows, H, ctx, hs): each head's keys contiguous
+    v: Vec<Vec<f32>>, // per layer (rows, H, ctx, hs)
 }
 
 impl<'a> FastDecoder<'a> {
@@ -334,12 +334,10 @@ impl<'a> FastDecoder<'a> {
     /// Keeps the cache rows `rows` (in that order, repeats allowed): the new row i is old row rows[i].
     pub fn select_rows(&mut self, rows: &[usize]) {
         let per_row = self.cfg.ctx * self.cfg.d_model;
-        let used = self.pos * self.cfg.d_model;
         for cache in self.k.iter_mut().chain(self.v.iter_mut()) {
             let mut next = vec![0f32; rows.len() * per_row];
             for (i, &r) in rows.iter().enumerate() {
-                next[i * per_row..i * per_row + used]
-                    .copy_from_slice(&cache[r * per_row..r * per_row + used]);
+                next[i * per_row..(i + 1) * per_row].copy_from_slice(&cache[r * per_row..(r + 1) * per_row]);
             }
             *cache = next;
         }
@@ -366,12 +364,15 @@ impl<'a> FastDecoder<'a> {
             let p = &w.layers[l];
             layernorm_forward(&mut ln, &mut mean, &mut rstd, &x, &p.ln1_w, &p.ln1_b, c);
             matmul_forward(&mut qkv, &ln, &p.qkv_w, Some(&p.qkv_b), n, c, 3 * c);
-            // Append this step's keys and values to the cache: row r, position pos0 + i.
+            // Append this step's keys and values to the cache: row r, head hi, position pos0 + i.
             let (kc, vc) = (&mut self.k[l], &mut self.v[l]);
+            let hs = c / h;
             for (i, q) in qkv.chunks(3 * c).enumerate() {
-                let at = ((i / t) * cfg.ctx + pos0 + i % t) * c;
-                kc[at..at + c].copy_from_slice(&q[c..2 * c]);
-                vc[at..at + c].copy_from_slice(&q[2 * c..]);
+                for hi in 0..h {
+                    let at = (((i / t) * h + hi) * cfg.ctx + pos0 + i % t) * hs;
+                    kc[at..at + hs].copy_from_slice(&q[c + hi * hs..c + (hi + 1) * hs]);
+                    vc[at..at + hs].copy_from_slice(&q[2 * c + hi * hs..2 * c + (hi + 1) * hs]);
+                }
             }
             cached_attention(&mut y, &qkv, kc, vc, rows, t, pos0, cfg.ctx, c, h);
             matmul_forward(&mut tmp, &y, &p.proj_w, Some(&p.proj_b), n, c, c);
@@ -395,7 +396,7 @@ impl<'a> FastDecoder<'a> {
 }
 
 /// Attention of t new queries per row over the cached keys/values 0..pos0+t (causal within the new
-/// block). qkv: (rows·t, 3C); caches: (rows, ctx, C); out: (rows·t, C).
+/// block). qkv: (rows·t, 3C); caches: (rows, H, ctx, hs); out: (rows·t, C).
 #[allow(clippy::too_many_arguments)]
 fn cached_attention(
     out: &mut [f32],
@@ -413,16 +414,42 @@ fn cached_attention(
     let scale = 1.0 / (hs as f32).sqrt();
     let out_p = SendPtr(out.as_mut_ptr());
     (0..rows * h).into_par_iter().for_each_init(
-        || vec![0f32; t * len],
-        |att, rh| {
+        || (vec![0f32; t * len], vec![0f32; hs]),
+        |(att, acc), rh| {
             let (r, hi) = (rh / h, rh % h);
             let out_p = out_p;
             // SAFETY: q rows of (r, hi) are t rows of hs floats at stride 3C; the cache rows are len
             // rows at stride C; this task alone writes out's (r, hi) columns.
+            if t == 1 {
+                // One new query (decoding): dot products and a weighted sum, no gemm set-up.
+                let q = &qkv[r * 3 * c + hi * hs..r * 3 * c + (hi + 1) * hs];
+                let row = &mut att[..len];
+                let base = rh * ctx * hs;
+                for (j, s) in row.iter_mut().enumerate() {
+                    let at = base + j * hs;
+                    *s = dot(q, &kc[at..at + hs]) * scale;
+                }
+                let m = max(row);
+                row.iter_mut().for_each(|x| *x = fast_exp(*x - m));
+                let inv = 1.0 / sum(row);
+                acc.fill(0.0);
+                for (j, &p) in row.iter().enumerate() {
+                    let at = base + j * hs;
+                    for (a, &x) in acc.iter_mut().zip(&vc[at..at + hs]) {
+                        *a += p * x;
+                    }
+                }
+                // SAFETY: this task alone writes out's (r, hi) columns.
+                let o = unsafe { std::slice::from_raw_parts_mut(out_p.0.add(r * c + hi * hs), hs) };
+                for (o, a) in o.iter_mut().zip(acc.iter()) {
+                    *o = a * inv;
+                }
+                return;
+            }
             unsafe {
                 let q = qkv.as_ptr().add(r * t * 3 * c + hi * hs);
-                let k = kc.as_ptr().add(r * ctx * c + hi * hs);
-                let v = vc.as_ptr().add(r * ctx * c + hi * hs);
+                let k = kc.as_ptr().add(rh * ctx * hs);
+                let v = vc.as_ptr().add(rh * ctx * hs);
                 gemm::gemm(
                     t,
                     len,
@@ -435,7 +462,7 @@ fn cached_attention(
                     1,
                     (3 * c) as isize,
                     k,
-                    c as isize,
+                    hs as isize,
                     1,
                     0.0,
                     scale,
@@ -469,7 +496,7 @@ fn cached_attention(
                     len as isize,
                     v,
                     1,
-                    c as isize,
+                    hs as isize,
                     0.0,
                     1.0,
                     false,
