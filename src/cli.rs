@@ -562,13 +562,8 @@ fn resume(a: ResumeArgs) -> Result<()> {
         quiet: a.quiet,
         device: device(&a.common.device)?,
     };
-    let state =
-        crate::recursion::load_state(&a.run).map_err(|e| crate::config::UsageError(format!("{e:#}")))?;
-    if state.real_measured && state.generations.iter().all(|g| g.status == crate::recursion::Status::Measured)
-    {
-        println!("{} is complete: {} generations measured", a.run.display(), state.generations.len());
-        return Ok(());
-    }
+    // A directory that is not a run is a usage error; everything after is the run's own business.
+    crate::recursion::load_state(&a.run).map_err(|e| crate::config::UsageError(format!("{e:#}")))?;
     crate::recursion::continue_run(&opts)
 }
 

@@ -60,6 +60,9 @@ pub struct GenState {
     pub measured_at: Option<u64>,
     /// sha256 of each artifact of the generation, by file name.
     pub artifacts: BTreeMap<String, String>,
+    /// Wall times and speeds (kept out of metrics.jsonl so that its bytes depend only on the seed).
+    #[serde(default)]
+    pub timings: BTreeMap<String, f64>,
 }
 
 /// `run.json`: the resolved settings and what is complete. The source of truth for `resume`.
@@ -71,6 +74,9 @@ pub struct RunState {
     /// N of `ttr_at_n` and `distinct_n`, fixed for the run.
     pub ttr_n: usize,
     pub real_measured: bool,
+    /// sha256 of metrics.jsonl as last written.
+    #[serde(default)]
+    pub metrics_sha256: Option<String>,
     pub generations: Vec<GenState>,
 }
 
@@ -161,6 +167,7 @@ pub fn start_run(cfg: Config, opts: &RunOptions, force: bool) -> Result<()> {
         tokenizer_sha256: tok.sha256(),
         ttr_n: real_words.min(100_000),
         real_measured: false,
+        metrics_sha256: None,
         generations: (0..cfg.recursion.generations)
             .map(|g| GenState {
                 generation: g,
@@ -169,6 +176,7 @@ pub fn start_run(cfg: Config, opts: &RunOptions, force: bool) -> Result<()> {
                 sampled_at: None,
                 measured_at: None,
                 artifacts: BTreeMap::new(),
+                timings: BTreeMap::new(),
             })
             .collect(),
         config: cfg,
@@ -197,6 +205,92 @@ struct TrainingSet {
     prompts: Vec<Vec<u32>>,
 }
 
+/// Checks every recorded artifact against its sha256. From the first generation whose model or
+/// corpus is missing or changed, everything is redone; metrics that do not match are re-measured.
+fn verify(out: &Path, state: &mut RunState) -> Result<Vec<Value>> {
+    let n = state.generations.len();
+    for g in 0..n {
+        let dir = gen_dir(out, g);
+        let gs = &state.generations[g];
+        let intact = |f: &str| {
+            gs.artifacts.get(f).is_some_and(|sum| sha256_file(&dir.join(f)).ok().as_ref() == Some(sum))
+        };
+        let level = if gs.status >= Status::Trained
+            && !(intact(checkpoint::WEIGHTS) && intact(checkpoint::MODEL_JSON))
+        {
+            Status::Pending
+        } else if gs.status >= Status::Sampled && !intact(CORPUS) {
+            Status::Trained
+        } else {
+            gs.status
+        };
+        if level < gs.status {
+            eprintln!(
+                "note: an artifact of generation {g} is missing or changed; redoing generation {g} onwards"
+            );
+            if g == 0 && level == Status::Pending {
+                state.real_measured = false; // the real row is scored by generation 0
+            }
+            for later in &mut state.generations[g..] {
+                if later.generation > g || level == Status::Pending {
+                    later.status = Status::Pending;
+                    later.artifacts.clear();
+                } else {
+                    later.status = level;
+                    later.artifacts.remove(CORPUS);
+                }
+            }
+            break;
+        }
+    }
+    let path = out.join(METRICS_JSONL);
+    let metrics_intact = state.metrics_sha256.is_some() && sha256_file(&path).ok() == state.metrics_sha256;
+    if !metrics_intact {
+        if state.real_measured {
+            eprintln!("note: {METRICS_JSONL} is missing or changed; measuring again");
+        }
+        state.real_measured = false;
+        for gs in &mut state.generations {
+            gs.status = gs.status.min(Status::Sampled);
+        }
+        return Ok(Vec::new());
+    }
+    let rows = read_rows(out)?;
+    Ok(rows
+        .into_iter()
+        .filter(|r| match &r["generation"] {
+            Value::String(_) => state.real_measured,
+            v => v.as_u64().is_some_and(|g| {
+                state.generations.get(g as usize).is_some_and(|gs| gs.status == Status::Measured)
+            }),
+        })
+        .collect())
+}
+
+/// Test hook: `COLLAPSE_LAB_ABORT_AT=<point>` kills the process with SIGKILL when it reaches `point`
+/// (e.g. `train:gen 1`, `sample:gen 0`, `measure:gen 2`), so tests can interrupt a run anywhere.
+pub fn fault_point(point: &str) {
+    if std::env::var("COLLAPSE_LAB_ABORT_AT").is_ok_and(|p| p == point) {
+        eprintln!("COLLAPSE_LAB_ABORT_AT: killing the process at {point}");
+        // SAFETY: sending a signal to our own process has no memory-safety preconditions.
+        unsafe {
+            libc::kill(libc::getpid(), libc::SIGKILL);
+        }
+    }
+}
+
+/// Free bytes on the file system holding `dir`.
+fn free_bytes(dir: &Path) -> Option<u64> {
+    use std::os::unix::ffi::OsStrExt;
+    let c = std::ffi::CString::new(dir.as_os_str().as_bytes()).ok()?;
+    let mut st: libc::statvfs = unsafe { std::mem::zeroed() };
+    // SAFETY: c is a valid NUL-terminated path and st a valid out-pointer.
+    if unsafe { libc::statvfs(c.as_ptr(), &mut st) } != 0 {
+        return None;
+    }
+    Some(st.f_bavail as u64 * st.f_frsize as u64)
+}
+
 /// Continues the run in `opts.out` from its last complete step.
 pub fn continue_run(opts: &RunOptions) -> Result<()> {
     let mut state = load_state(&opts.out)?;
@@ -206,7 +300,12 @@ pub fn continue_run(opts: &RunOptions) -> Result<()> {
         bail!("{}: tokenizer.json does not match the sha256 recorded in {RUN_JSON}", opts.out.display());
     }
     let lab = Lab::new(&cfg, opts, tok)?;
-    let mut rows = read_rows(&opts.out)?;
+    let mut rows = verify(&opts.out, &mut state)?;
+    save_state(&opts.out, &state)?;
+    if state.real_measured && state.generations.iter().all(|g| g.status == Status::Measured) {
+        println!("{} is complete: {} generations measured", opts.out.display(), state.generations.len());
+        return Ok(());
+    }
     let mut corpora: Vec<Vec<Vec<u32>>> = Vec::new();
     let mut gen0: Option<Gpt> = None;
     if !opts.quiet {
@@ -215,20 +314,27 @@ pub fn continue_run(opts: &RunOptions) -> Result<()> {
             print_row(row);
         }
     }
+    let save_rows = |state: &mut RunState, rows: &[Value]| -> Result<()> {
+        write_rows(&opts.out, rows)?;
+        state.metrics_sha256 = Some(sha256_file(&opts.out.join(METRICS_JSONL))?);
+        Ok(())
+    };
     for g in 0..cfg.recursion.generations {
         let set = lab.training_set(g, &corpora);
         let dir = gen_dir(&opts.out, g);
         if state.generations[g].status < Status::Trained {
+            lab.check_disk_space(g, &set)?;
             create_dir(&dir)?;
             let info = lab.train_generation(g, &set, &dir)?;
             let gs = &mut state.generations[g];
             gs.status = Status::Trained;
             gs.trained_at = Some(now());
+            gs.timings.insert("train_wall_s".into(), info.training.wall_s);
+            gs.timings.insert("train_tokens_per_s".into(), info.training.tokens_per_s);
             for f in [checkpoint::WEIGHTS, checkpoint::MODEL_JSON] {
                 gs.artifacts.insert(f.to_string(), sha256_file(&dir.join(f))?);
             }
             save_state(&opts.out, &state)?;
-            drop(info);
         }
         let model = checkpoint::load_weights(&lab.mcfg, &dir.join(checkpoint::WEIGHTS), &opts.device)?;
         if g == 0 {
@@ -238,7 +344,7 @@ pub fn continue_run(opts: &RunOptions) -> Result<()> {
         if !state.real_measured {
             let row = lab.measure_real(gen0)?;
             rows.insert(0, row);
-            write_rows(&opts.out, &rows)?;
+            save_rows(&mut state, &rows)?;
             state.real_measured = true;
             save_state(&opts.out, &state)?;
             if !opts.quiet {
@@ -246,35 +352,39 @@ pub fn continue_run(opts: &RunOptions) -> Result<()> {
             }
         }
         let corpus_path = dir.join(CORPUS);
-        let (records, sample_wall) = if state.generations[g].status < Status::Sampled {
+        let records = if state.generations[g].status < Status::Sampled {
             let started = Instant::now();
             let records = lab.sample_generation(g, &model, gen0, &set)?;
             write_corpus(&corpus_path, &records)?;
             let gs = &mut state.generations[g];
             gs.status = Status::Sampled;
             gs.sampled_at = Some(now());
+            gs.timings.insert("sample_wall_s".into(), started.elapsed().as_secs_f64());
             gs.artifacts.insert(CORPUS.to_string(), sha256_file(&corpus_path)?);
             save_state(&opts.out, &state)?;
-            (records, started.elapsed().as_secs_f64())
+            records
         } else {
-            (read_corpus(&corpus_path)?, f64::NAN)
+            read_corpus(&corpus_path)?
         };
         if state.generations[g].status < Status::Measured {
+            let started = Instant::now();
             let info: ModelInfo =
                 serde_json::from_str(&std::fs::read_to_string(dir.join(checkpoint::MODEL_JSON))?)?;
-            let mut row = lab.measure_generation(g, &model, &records, &info, &state)?;
-            row.insert("sample_wall_s".into(), json!(sample_wall));
-            rows.push(Value::Object(row));
-            write_rows(&opts.out, &rows)?;
+            let row = lab.measure_generation(g, &model, &records, &info, &state)?;
+            // Rows stay in generation order even when an earlier one was re-measured.
+            let pos = rows
+                .iter()
+                .position(|r| r["generation"].as_u64().is_some_and(|x| x as usize > g))
+                .unwrap_or(rows.len());
+            rows.insert(pos, Value::Object(row));
+            save_rows(&mut state, &rows)?;
             let gs = &mut state.generations[g];
             gs.status = Status::Measured;
             gs.measured_at = Some(now());
-            for f in [METRICS_JSONL, METRICS_CSV] {
-                gs.artifacts.insert(f.to_string(), sha256_file(&opts.out.join(f))?);
-            }
+            gs.timings.insert("measure_wall_s".into(), started.elapsed().as_secs_f64());
             save_state(&opts.out, &state)?;
             if !opts.quiet {
-                print_row(rows.last().expect("just pushed"));
+                print_row(&rows[pos]);
             }
         }
         corpora.push(records.into_iter().map(|r| r.tokens).collect());
@@ -371,6 +481,24 @@ impl<'a> Lab<'a> {
         }
     }
 
+    /// Stops with a clear message when the disk cannot hold generation g's artifacts.
+    fn check_disk_space(&self, g: usize, set: &TrainingSet) -> Result<()> {
+        let weights = 2 * 4 * self.mcfg.n_params() as u64; // the checkpoint and its temporary twin
+        let corpus = 2 * 24 * set.stream.len().max(self.real_stream.len()) as u64; // JSON text + tokens
+        let need = weights + corpus + (16 << 20);
+        if let Some(free) = free_bytes(&self.opts.out) {
+            if free < need {
+                bail!(
+                    "not enough free disk space in {} for generation {g}: about {} MiB needed, {} MiB free",
+                    self.opts.out.display(),
+                    need >> 20,
+                    free >> 20
+                );
+            }
+        }
+        Ok(())
+    }
+
     fn train_generation(&self, g: usize, set: &TrainingSet, dir: &Path) -> Result<ModelInfo> {
         let dev = &self.opts.device;
         let seed = self.cfg.seed;
@@ -444,6 +572,7 @@ impl<'a> Lab<'a> {
             let refs: Vec<&[u32]> = chunk.iter().map(Vec::as_slice).collect();
             texts.extend(generate(model, &refs, new_tokens, &decoding, &seeds, &self.opts.device)?);
             bar.inc(chunk.len() as u64);
+            fault_point(&format!("sample:gen {g}"));
         }
         bar.finish_and_clear();
         let refs: Vec<&[u32]> = texts.iter().map(Vec::as_slice).collect();
@@ -496,10 +625,10 @@ impl<'a> Lab<'a> {
         info: &ModelInfo,
         state: &RunState,
     ) -> Result<Map<String, Value>> {
-        let started = Instant::now();
         let dev = &self.opts.device;
         let block = self.cfg.data.block_size;
         let test = split_perplexity(model, &self.test, block, dev)?;
+        fault_point(&format!("measure:gen {g}"));
         let valid = split_perplexity(model, &self.valid, block, dev)?;
         let mut row = Map::new();
         row.insert("generation".into(), json!(g));
@@ -519,9 +648,6 @@ impl<'a> Lab<'a> {
         row.insert("train_tokens".into(), json!(t.train_tokens));
         row.insert("train_steps".into(), json!(t.steps));
         row.insert("train_epochs".into(), json!(t.epochs));
-        row.insert("train_tokens_per_s".into(), json!(t.tokens_per_s));
-        row.insert("train_wall_s".into(), json!(t.wall_s));
-        row.insert("measure_wall_s".into(), json!(started.elapsed().as_secs_f64()));
         Ok(row)
     }
 }

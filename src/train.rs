@@ -272,6 +272,7 @@ pub fn train(
             if valid_loss < best {
                 (best, best_step, since_best) = (valid_loss, steps, 0);
                 save_weights(varmap, target.checkpoint)?;
+                crate::recursion::fault_point(&format!("train:{}", target.label));
             } else {
                 since_best += 1;
                 if cfg.patience > 0 && since_best >= cfg.patience && steps < total {
