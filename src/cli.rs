@@ -406,10 +406,16 @@ fn eval(a: EvalArgs) -> Result<()> {
     let nats = stream_nats(&loaded.model, &stream, cfg.data.block_size, 0, &dev)?;
     let words = data::words_with_eol(&lines) as u64;
     let split = format!("{:?}", a.split).to_lowercase();
+    // The n-gram references, trained on the same train lines as the model, scored on the same text.
+    let train_lines = data::load_split(&a.common.data_dir(), Split::Train, cfg.data.train_lines)?;
+    let kn = KneserNeyBigram::train(&train_lines).evaluate(&lines);
+    let uni = UnigramModel::train(&train_lines).evaluate(&lines);
     let result = json!({
         "split": split,
         format!("{split}_ppl"): nats.ppl(),
         format!("{split}_word_ppl"): nats.ppl_per(words),
+        "kn_bigram_word_ppl": kn.ppl,
+        "unigram_word_ppl": uni.ppl,
         "nats": nats.nats,
         "tokens": nats.predictions,
         "words": words,
@@ -427,6 +433,12 @@ fn eval(a: EvalArgs) -> Result<()> {
             nats.ppl_per(words),
             words,
             cfg.data.block_size
+        );
+        println!(
+            "references trained on the same {} train lines: Kneser-Ney bigram {:.2}, unigram {:.2} (word perplexity)",
+            train_lines.len(),
+            kn.ppl,
+            uni.ppl
         );
     }
     Ok(())

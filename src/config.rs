@@ -225,7 +225,7 @@ impl Config {
                 seed: 0,
                 data: DataConfig { train_lines: 0, eval_lines: 0, block_size: 64 },
                 model: small(4096, 128, 2, 4),
-                train: TrainConfig { epochs: 2.0, eval_interval: 250, ..base.clone() },
+                train: TrainConfig { epochs: 4.0, eval_interval: 250, ..base.clone() },
                 sample,
                 recursion,
             },

@@ -9,6 +9,7 @@
 //! Naming: `gen-0g/corpus.jsonl` is the text generation g's model wrote; it is the training data of
 //! generation g+1 (Shumailov et al. call it the data of "generation g+1").
 
+use crate::baseline::{KneserNeyBigram, UnigramModel};
 use crate::checkpoint::{self, ModelInfo};
 use crate::config::{Config, InitMode, PromptMode, Regime, SampleConfig};
 use crate::data::{self, Split};
@@ -192,6 +193,7 @@ struct Lab<'a> {
     tok: Tokenizer,
     mcfg: ModelConfig,
     train_lines: Vec<String>,
+    test_lines: Vec<String>,
     real_stream: Vec<u32>,
     real_blocks: Vec<Vec<u32>>,
     valid: EvalSet,
@@ -412,7 +414,19 @@ impl<'a> Lab<'a> {
             bail!("the training data has fewer than data.block_size = {block} tokens");
         }
         let mcfg = ModelConfig { vocab_size: tok.vocab_size(), ..cfg.model.clone() };
-        Ok(Self { cfg, opts, tok, mcfg, train_lines, real_stream, real_blocks, valid, test, reference })
+        Ok(Self {
+            cfg,
+            opts,
+            tok,
+            mcfg,
+            train_lines,
+            test_lines,
+            real_stream,
+            real_blocks,
+            valid,
+            test,
+            reference,
+        })
     }
 
     /// The training set of generation g under the run's regime; `corpora[i]` is what generation i
@@ -614,6 +628,15 @@ impl<'a> Lab<'a> {
         row.extend(gen0_fields(&ppls));
         row.insert("sequences".into(), json!(refs.len()));
         row.insert("corpus_tokens".into(), json!(self.real_stream.len()));
+        // The references a generation's test_word_ppl is read against: n-gram models of the same data.
+        row.insert(
+            "kn_bigram_test_word_ppl".into(),
+            json!(KneserNeyBigram::train(&self.train_lines).evaluate(&self.test_lines).ppl),
+        );
+        row.insert(
+            "unigram_test_word_ppl".into(),
+            json!(UnigramModel::train(&self.train_lines).evaluate(&self.test_lines).ppl),
+        );
         Ok(Value::Object(row))
     }
 
@@ -784,7 +807,13 @@ pub fn format_row(row: &Value) -> String {
 }
 
 fn print_row(row: &Value) {
-    println!("{}", format_row(row));
+    let mut line = format_row(row);
+    if let (Some(kn), Some(uni)) =
+        (row["kn_bigram_test_word_ppl"].as_f64(), row["unigram_test_word_ppl"].as_f64())
+    {
+        line.push_str(&format!("   references: KN bigram word_ppl {kn:.1}, unigram {uni:.1}"));
+    }
+    println!("{line}");
 }
 
 #[cfg(test)]
