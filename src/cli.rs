@@ -328,13 +328,13 @@ fn train_cmd(a: TrainArgs) -> Result<()> {
     let cfg = Config::resolve(&a.preset, a.config.as_deref(), &a.sets, a.seed)?;
     let dev = device(&a.common.device)?;
     let data_dir = a.common.data_dir();
-    create_dir(&a.out)?;
     let train_lines = data::load_split(&data_dir, Split::Train, cfg.data.train_lines)?;
     let valid_lines = data::load_split(&data_dir, Split::Valid, cfg.data.eval_lines)?;
     let tok = match &a.tokenizer {
         Some(path) => Tokenizer::load(path)?,
         None => Tokenizer::train(&train_lines, cfg.model.vocab_size)?,
     };
+    create_dir(&a.out)?; // only once every input has been read and checked
     let out = train_model(&cfg, &tok, &train_lines, &valid_lines, &a.out, a.quiet, "train", &dev)?;
     let t = &out.training;
     println!(

@@ -147,6 +147,12 @@ pub fn start_run(cfg: Config, opts: &RunOptions, force: bool) -> Result<()> {
             opts.out.display()
         ));
     }
+    // Every input is read and checked before anything is written.
+    let train_lines = data::load_split(&opts.data_dir, Split::Train, cfg.data.train_lines)?;
+    for split in [Split::Valid, Split::Test] {
+        data::load_split(&opts.data_dir, split, cfg.data.eval_lines)?;
+    }
+    let tok = Tokenizer::train(&train_lines, cfg.model.vocab_size)?;
     create_dir(&opts.out)?;
     if force {
         for g in 0..64 {
@@ -159,8 +165,6 @@ pub fn start_run(cfg: Config, opts: &RunOptions, force: bool) -> Result<()> {
             let _ = std::fs::remove_file(opts.out.join(f));
         }
     }
-    let train_lines = data::load_split(&opts.data_dir, Split::Train, cfg.data.train_lines)?;
-    let tok = Tokenizer::train(&train_lines, cfg.model.vocab_size)?;
     write_atomic(&opts.out.join(checkpoint::TOKENIZER), tok.json().as_bytes())?;
     let real_words: usize = train_lines.iter().map(|l| l.split_whitespace().count()).sum();
     let state = RunState {

@@ -24,6 +24,25 @@ fn assert_clean_error(o: &Output, culprit: &str) {
     assert!(!err.contains("panicked") && !err.contains("backtrace"), "{err}");
 }
 
+/// Every file under `dir` with its contents, to check that a failed command changed nothing.
+fn snapshot(dir: &Path) -> Vec<(PathBuf, Vec<u8>)> {
+    let mut out = vec![];
+    let mut stack = vec![dir.to_path_buf()];
+    while let Some(d) = stack.pop() {
+        for e in std::fs::read_dir(&d).unwrap() {
+            let p = e.unwrap().path();
+            if p.is_dir() {
+                stack.push(p);
+            } else {
+                let bytes = std::fs::read(&p).unwrap();
+                out.push((p, bytes));
+            }
+        }
+    }
+    out.sort();
+    out
+}
+
 /// Trains the smoke model once per test binary run into `dir`.
 fn smoke_model(dir: &Path) -> PathBuf {
     let out = dir.join("model");
@@ -89,6 +108,7 @@ fn bad_inputs_give_one_line_errors() {
     let m = model.to_str().unwrap();
     let out = t.join("o");
     let o_ = out.to_str().unwrap();
+    let model_files = snapshot(&model);
 
     // Missing data directory.
     let o = run(&["train", "--preset", "smoke", "--quiet", "--data", "/nonexistent/wt2", "--out", o_]);
@@ -152,6 +172,14 @@ fn bad_inputs_give_one_line_errors() {
     let o = run(&["prepare", "--vocab-size", "ten"]);
     assert_eq!(o.status.code(), Some(2));
     assert_clean_error(&run(&["prepare", "--vocab-size", "100", "--out", o_]), "--vocab-size");
+    // An output directory that cannot be created.
+    assert_clean_error(
+        &run(&["train", "--preset", "smoke", "--out", "/proc/collapse-lab/x"]),
+        "/proc/collapse-lab/x",
+    );
+    // None of the failures above touched the model they read, and none left an output behind.
+    assert!(snapshot(&model) == model_files, "a failed command changed {}", model.display());
+    assert!(!out.exists(), "a failed command created {}", out.display());
 }
 
 #[test]

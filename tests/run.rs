@@ -210,6 +210,8 @@ fn bad_run_settings_give_one_line_errors() {
     }
     let o = run(&["resume", tmp.path().to_str().unwrap()]);
     assert!(!o.status.success() && stderr(&o).contains("not a run directory"), "{}", stderr(&o));
+    assert_eq!(o.status.code(), Some(2));
+    assert!(std::fs::read_dir(tmp.path()).unwrap().next().is_none(), "nothing may be written");
 }
 
 #[test]
