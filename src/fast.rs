@@ -298,6 +298,29 @@ impl Weights {
     }
 }
 
+/// Forward-only scoring on the fast kernels: the NLL of every target token of a batch.
+pub struct Scorer {
+    cfg: ModelConfig,
+    w: Weights,
+    acts: Option<Acts>,
+}
+
+impl Scorer {
+    pub fn new(model: &crate::model::Gpt) -> candle_core::Result<Self> {
+        Ok(Self { cfg: model.cfg.clone(), w: Weights::from_gpt(model)?, acts: None })
+    }
+
+    /// inputs, targets: (B, T) row-major → NLL of each target, (B·T).
+    pub fn nlls(&mut self, inputs: &[u32], targets: &[u32], b: usize, t: usize) -> Vec<f32> {
+        if self.acts.as_ref().is_none_or(|a| a.b != b || a.t != t) {
+            self.acts = Some(Acts::new(&self.cfg, b, t));
+        }
+        let acts = self.acts.as_mut().expect("allocated above");
+        forward(&self.cfg, &self.w, acts, inputs, targets);
+        acts.losses.clone()
+    }
+}
+
 /// Inference with a KV cache on the fast kernels: what sampling runs on CPU. Rows are independent
 /// sequences that advance together; [`FastDecoder::select_rows`] reorders them for beam search.
 pub struct FastDecoder<'a> {
@@ -543,12 +566,14 @@ fn forward(cfg: &ModelConfig, w: &Weights, a: &mut Acts, inputs: &[u32], targets
     let inv_n = 1.0 / bt as f32;
     a.logits.par_chunks_mut(v).zip(a.losses.par_iter_mut()).enumerate().for_each(|(row, (x, loss))| {
         let m = max(x);
+        let target = targets[row] as usize;
+        let logit = x[target];
         for y in x.iter_mut() {
             *y = fast_exp(*y - m);
         }
-        let inv = 1.0 / sum(x);
-        let target = targets[row] as usize;
-        *loss = -(x[target] * inv).ln();
+        let total = sum(x);
+        let inv = 1.0 / total;
+        *loss = m + total.ln() - logit; // −log softmax, finite even when the target's probability underflows
         for y in x.iter_mut() {
             *y *= inv * inv_n;
         }

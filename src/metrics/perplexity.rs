@@ -36,8 +36,14 @@ impl Nats {
 
 /// Negative log-likelihood of every target token of `seqs`, each sequence scored on its own
 /// (its first token is context only). `out[i][j]` is the NLL of `seqs[i][j + 1]`. Sequences are
-/// batched by length, `batch` at a time, through the detached model.
+/// batched by length, `batch` at a time, through the fast CPU forward ([`crate::fast::Scorer`]) or,
+/// on other devices or with `COLLAPSE_LAB_REFERENCE` set, the detached candle model.
 pub fn sequence_nlls(model: &Gpt, seqs: &[&[u32]], batch: usize, dev: &Device) -> Result<Vec<Vec<f32>>> {
+    let mut scorer = if dev.is_cpu() && std::env::var_os("COLLAPSE_LAB_REFERENCE").is_none() {
+        Some(crate::fast::Scorer::new(model)?)
+    } else {
+        None
+    };
     let mut out: Vec<Vec<f32>> = vec![Vec::new(); seqs.len()];
     // Group indices by length so every batch is rectangular.
     let mut order: Vec<usize> = (0..seqs.len()).filter(|&i| seqs[i].len() >= 2).collect();
@@ -50,6 +56,13 @@ pub fn sequence_nlls(model: &Gpt, seqs: &[&[u32]], batch: usize, dev: &Device) -
             for &i in chunk {
                 inputs.extend_from_slice(&seqs[i][..len - 1]);
                 targets.extend_from_slice(&seqs[i][1..]);
+            }
+            if let Some(scorer) = scorer.as_mut() {
+                let nll = scorer.nlls(&inputs, &targets, chunk.len(), len - 1); // (B·T)
+                for (&i, row) in chunk.iter().zip(nll.chunks(len - 1)) {
+                    out[i] = row.to_vec();
+                }
+                continue;
             }
             let shape = (chunk.len(), len - 1);
             let x = Tensor::from_vec(inputs, shape, dev)?; // (B, T)
@@ -191,4 +204,31 @@ pub fn sequence_ppls(model: &Gpt, seqs: &[&[u32]], eot: u32, dev: &Device) -> Re
         .into_iter()
         .map(|row| (row.iter().map(|&x| x as f64).sum::<f64>() / row.len().max(1) as f64).exp())
         .collect())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::model::{init_model, ModelConfig};
+
+    /// The fast scorer and candle's forward give the same per-token NLLs (within f32 noise).
+    #[test]
+    fn fast_and_reference_scoring_agree() {
+        let cfg = ModelConfig { vocab_size: 29, ctx: 16, d_model: 16, n_layer: 2, n_head: 2, dropout: 0.0 };
+        let (model, _) = init_model(&cfg, 8, &Device::Cpu).unwrap();
+        let model = model.detached();
+        let seqs: Vec<Vec<u32>> = (0..5).map(|i| (0..(9 + i % 2)).map(|j| ((i * 7 + j * 3) % 29) as u32).collect()).collect();
+        let refs: Vec<&[u32]> = seqs.iter().map(Vec::as_slice).collect();
+        let fast = sequence_nlls(&model, &refs, 2, &Device::Cpu).unwrap();
+        // The candle path, computed directly.
+        for (s, row) in refs.iter().zip(&fast) {
+            let x = Tensor::from_vec(s[..s.len() - 1].to_vec(), (1, s.len() - 1), &Device::Cpu).unwrap();
+            let logp = candle_nn::ops::log_softmax(&model.forward(&x, None).unwrap(), D::Minus1).unwrap();
+            let logp = logp.to_vec3::<f32>().unwrap().remove(0);
+            for (j, nll) in row.iter().enumerate() {
+                let want = -logp[j][s[j + 1] as usize];
+                assert!((nll - want).abs() < 1e-4, "{nll} vs {want}");
+            }
+        }
+    }
 }
