@@ -39,6 +39,8 @@ pub enum Command {
     Run(RunArgs),
     /// Continue an interrupted run from its last complete step.
     Resume(ResumeArgs),
+    /// Write plots/*.svg and a self-contained report.html for a run (also done at the end of `run`).
+    Report(ReportArgs),
     /// Read what a generation wrote, or one block's text across generations.
     Inspect(InspectArgs),
     /// Word-level corpus metrics (SPEC §2) of any text against a reference text.
@@ -204,6 +206,12 @@ pub struct ResumeArgs {
 }
 
 #[derive(Debug, Args)]
+pub struct ReportArgs {
+    /// The run directory
+    pub run: PathBuf,
+}
+
+#[derive(Debug, Args)]
 pub struct InspectArgs {
     /// The run directory
     pub run: PathBuf,
@@ -281,6 +289,12 @@ pub fn run(cli: Cli) -> Result<()> {
         Command::Run(a) => run_cmd(a),
         Command::Resume(a) => resume(a),
         Command::Inspect(a) => inspect(a),
+        Command::Report(a) => {
+            crate::recursion::load_state(&a.run).map_err(|e| crate::config::UsageError(format!("{e:#}")))?;
+            crate::report::write_report(&a.run)?;
+            println!("wrote {}", a.run.join("report.html").display());
+            Ok(())
+        }
         Command::Metrics(a) => metrics(a),
     }
 }
@@ -564,7 +578,8 @@ fn run_cmd(a: RunArgs) -> Result<()> {
         quiet: a.quiet,
         device: device(&a.common.device)?,
     };
-    crate::recursion::start_run(cfg, &opts, a.force)
+    crate::recursion::start_run(cfg, &opts, a.force)?;
+    crate::report::write_report(&opts.out)
 }
 
 fn resume(a: ResumeArgs) -> Result<()> {
@@ -576,7 +591,8 @@ fn resume(a: ResumeArgs) -> Result<()> {
     };
     // A directory that is not a run is a usage error; everything after is the run's own business.
     crate::recursion::load_state(&a.run).map_err(|e| crate::config::UsageError(format!("{e:#}")))?;
-    crate::recursion::continue_run(&opts)
+    crate::recursion::continue_run(&opts)?;
+    crate::report::write_report(&opts.out)
 }
 
 fn inspect(a: InspectArgs) -> Result<()> {

@@ -14,6 +14,7 @@ pub mod fast;
 pub mod metrics;
 pub mod model;
 pub mod recursion;
+pub mod report;
 pub mod run_dir;
 pub mod sample;
 pub mod sampler;

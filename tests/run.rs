@@ -131,6 +131,29 @@ fn smoke_run_writes_every_metric_and_provenance() {
     .unwrap();
     assert_eq!(gen1_first["prompt"], gen0[0]["text"]);
 
+    // The report: every plot inline, nothing fetched from the network, SVGs that parse as XML and
+    // hold the expected series.
+    let html = std::fs::read_to_string(out.join("report.html")).unwrap();
+    assert!(!html.contains("http"), "report.html must be self-contained");
+    let expected: [(&str, &[&str]); 6] = [
+        ("test_ppl", &["test_ppl", "test_ppl_rare", "generation 0"]),
+        ("test_word_ppl", &["test_word_ppl", "KN bigram", "unigram"]),
+        ("diversity", &["ttr_at_n", "mattr", "distinct_2"]),
+        ("tails", &["rare_ngram_recall_1", "common_ngram_recall_1", "novel_trigram_rate", "unigram_js"]),
+        ("gen0_seq_ppl", &["real", "gen 0", "gen 1", "gen 2"]),
+        ("zipf", &["real (prompts)", "gen 0", "gen 2"]),
+    ];
+    assert_eq!(html.matches("<svg").count(), expected.len());
+    for (stem, labels) in expected {
+        assert!(html.contains(&format!("<figure id=\"{stem}\">")), "{stem} not inline");
+        let svg = std::fs::read_to_string(out.join(format!("plots/{stem}.svg"))).unwrap();
+        let doc = roxmltree::Document::parse(&svg).unwrap_or_else(|e| panic!("{stem}.svg: {e}"));
+        let texts: Vec<&str> = doc.descendants().filter_map(|n| n.text()).map(str::trim).collect();
+        for label in labels {
+            assert!(texts.contains(label), "{stem}.svg lacks the series {label}");
+        }
+    }
+
     // inspect: a generation's texts, and one lineage across generations.
     let o = run(&["inspect", out.to_str().unwrap(), "--generation", "1", "-n", "2"]);
     assert!(o.status.success(), "{}", stderr(&o));

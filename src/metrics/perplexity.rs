@@ -217,7 +217,8 @@ mod tests {
         let cfg = ModelConfig { vocab_size: 29, ctx: 16, d_model: 16, n_layer: 2, n_head: 2, dropout: 0.0 };
         let (model, _) = init_model(&cfg, 8, &Device::Cpu).unwrap();
         let model = model.detached();
-        let seqs: Vec<Vec<u32>> = (0..5).map(|i| (0..(9 + i % 2)).map(|j| ((i * 7 + j * 3) % 29) as u32).collect()).collect();
+        let seqs: Vec<Vec<u32>> =
+            (0..5).map(|i| (0..(9 + i % 2)).map(|j| ((i * 7 + j * 3) % 29) as u32).collect()).collect();
         let refs: Vec<&[u32]> = seqs.iter().map(Vec::as_slice).collect();
         let fast = sequence_nlls(&model, &refs, 2, &Device::Cpu).unwrap();
         // The candle path, computed directly.

@@ -1,0 +1,475 @@
+//! The report of a run: `plots/*.svg` drawn with plotters (SVG backend, no system fonts) and one
+//! self-contained `report.html` (inline SVG and CSS, no external reference) with the metrics table,
+//! sample texts, lineages and the run's settings.
+
+use crate::metrics::corpus::rank_frequency;
+use crate::metrics::ppl_bin_edges;
+use crate::recursion::{load_state, read_corpus, CorpusRecord, RunState, CORPUS, METRICS_JSONL};
+use crate::run_dir::{create_dir, write_atomic};
+use anyhow::{anyhow, Context, Result};
+use plotters::prelude::*;
+use serde_json::Value;
+use std::fmt::Write as _;
+use std::path::Path;
+
+/// One curve of a chart.
+pub struct Series {
+    pub label: String,
+    pub points: Vec<(f64, f64)>,
+    /// Reference lines (generation 0, the n-gram baselines) are dashed.
+    pub dashed: bool,
+}
+
+/// Axes of a chart; a log axis plots log10 of the values and labels ticks with the values.
+pub struct Axes<'a> {
+    pub title: &'a str,
+    pub x: &'a str,
+    pub y: &'a str,
+    pub log_x: bool,
+    pub log_y: bool,
+}
+
+fn plot_err<E: std::fmt::Debug>(e: E) -> anyhow::Error {
+    anyhow!("drawing a plot: {e:?}")
+}
+
+/// Draws `series` as an SVG document.
+pub fn line_chart(axes: &Axes, series: &[Series]) -> Result<String> {
+    let tx = |v: f64| if axes.log_x { v.log10() } else { v };
+    let ty = |v: f64| if axes.log_y { v.log10() } else { v };
+    let curves: Vec<Vec<(f64, f64)>> = series
+        .iter()
+        .map(|s| {
+            s.points
+                .iter()
+                .map(|&(x, y)| (tx(x), ty(y)))
+                .filter(|(x, y)| x.is_finite() && y.is_finite())
+                .collect()
+        })
+        .collect();
+    let all: Vec<&(f64, f64)> = curves.iter().flatten().collect();
+    let range = |f: fn(&(f64, f64)) -> f64| {
+        let (lo, hi) = all
+            .iter()
+            .map(|p| f(p))
+            .fold((f64::INFINITY, f64::NEG_INFINITY), |(a, b), v| (a.min(v), b.max(v)));
+        if !lo.is_finite() {
+            return (0.0, 1.0);
+        }
+        let pad = ((hi - lo) * 0.06).max(1e-9);
+        (lo - pad, hi + pad)
+    };
+    let ((x0, x1), (y0, y1)) = (range(|p| p.0), range(|p| p.1));
+    let mut svg = String::new();
+    {
+        let root = SVGBackend::with_string(&mut svg, (760, 430)).into_drawing_area();
+        root.fill(&WHITE).map_err(plot_err)?;
+        let mut chart = ChartBuilder::on(&root)
+            .caption(axes.title, ("sans-serif", 18))
+            .margin(14)
+            .x_label_area_size(40)
+            .y_label_area_size(64)
+            .build_cartesian_2d(x0..x1, y0..y1)
+            .map_err(plot_err)?;
+        let fmt = |log: bool| move |v: &f64| sig3(if log { 10f64.powf(*v) } else { *v });
+        let (fy, integer_x) = (fmt(axes.log_y), axes.x == "generation");
+        let fx = move |v: &f64| match (integer_x, axes.log_x) {
+            (true, _) if (v - v.round()).abs() > 1e-6 => String::new(),
+            (true, _) => format!("{v:.0}"),
+            (false, log) => fmt(log)(v),
+        };
+        let x_labels = if integer_x { ((x1 - x0).ceil() as usize + 1).clamp(2, 12) } else { 10 };
+        chart
+            .configure_mesh()
+            .x_desc(axes.x)
+            .y_desc(axes.y)
+            .x_labels(x_labels)
+            .x_label_formatter(&fx)
+            .y_label_formatter(&fy)
+            .light_line_style(WHITE.mix(0.0))
+            .draw()
+            .map_err(plot_err)?;
+        for (i, (s, pts)) in series.iter().zip(curves).enumerate() {
+            let color = Palette99::pick(i).to_rgba();
+            let style = ShapeStyle { color, filled: true, stroke_width: 2 };
+            let legend = move |(x, y): (i32, i32)| PathElement::new(vec![(x, y), (x + 18, y)], style);
+            if s.dashed {
+                chart
+                    .draw_series(DashedLineSeries::new(pts, 7, 5, style))
+                    .map_err(plot_err)?
+                    .label(&s.label)
+                    .legend(legend);
+            } else {
+                chart
+                    .draw_series(LineSeries::new(pts.clone(), style))
+                    .map_err(plot_err)?
+                    .label(&s.label)
+                    .legend(legend);
+                if pts.len() <= 40 {
+                    chart.draw_series(pts.iter().map(|&p| Circle::new(p, 3, style))).map_err(plot_err)?;
+                }
+            }
+        }
+        chart
+            .configure_series_labels()
+            .background_style(WHITE.mix(0.85))
+            .border_style(BLACK.mix(0.4))
+            .position(SeriesLabelPosition::UpperLeft)
+            .draw()
+            .map_err(plot_err)?;
+        root.present().map_err(plot_err)?;
+    }
+    Ok(svg)
+}
+
+/// Three significant digits, no trailing zeros: 316227.8 → "316000", 0.01234 → "0.0123".
+fn sig3(v: f64) -> String {
+    if v == 0.0 || !v.is_finite() {
+        return format!("{v}");
+    }
+    let digits = (2 - v.abs().log10().floor() as i32).max(0) as usize;
+    let rounded = if digits == 0 {
+        let scale = 10f64.powi(v.abs().log10().floor() as i32 - 2);
+        (v / scale).round() * scale
+    } else {
+        v
+    };
+    let s = format!("{rounded:.digits$}");
+    if s.contains('.') {
+        s.trim_end_matches('0').trim_end_matches('.').to_string()
+    } else {
+        s
+    }
+}
+
+fn rows(run: &Path) -> Result<Vec<Value>> {
+    let path = run.join(METRICS_JSONL);
+    let text = std::fs::read_to_string(&path).with_context(|| format!("cannot read {}", path.display()))?;
+    text.lines()
+        .map(|l| serde_json::from_str(l).with_context(|| format!("{}: not JSON", path.display())))
+        .collect()
+}
+
+fn generation_rows(rows: &[Value]) -> Vec<(usize, &Value)> {
+    rows.iter().filter_map(|r| r["generation"].as_u64().map(|g| (g as usize, r))).collect()
+}
+
+/// Per generation, one series per metric key.
+fn per_generation(rows: &[Value], keys: &[&str]) -> Vec<Series> {
+    keys.iter()
+        .map(|k| Series {
+            label: k.to_string(),
+            points: generation_rows(rows)
+                .iter()
+                .filter_map(|(g, r)| r[*k].as_f64().map(|v| (*g as f64, v)))
+                .collect(),
+            dashed: false,
+        })
+        .collect()
+}
+
+/// A horizontal reference line across generations.
+fn reference(label: &str, value: Option<f64>, generations: usize) -> Option<Series> {
+    value.map(|v| Series {
+        label: label.to_string(),
+        points: vec![(0.0, v), ((generations.max(2) - 1) as f64, v)],
+        dashed: true,
+    })
+}
+
+/// The plots of a run, as (file stem, title, SVG).
+pub fn plots(run: &Path, state: &RunState, rows: &[Value]) -> Result<Vec<(String, String, String)>> {
+    let n = state.generations.len();
+    let real = rows.iter().find(|r| r["generation"] == "real");
+    let gen0 = generation_rows(rows).into_iter().find(|(g, _)| *g == 0).map(|(_, r)| r);
+    let mut out = Vec::new();
+    let axes = |title, y, log_y| Axes { title, x: "generation", y, log_x: false, log_y };
+
+    let mut s = per_generation(rows, &["test_ppl", "test_ppl_rare", "test_ppl_common"]);
+    s.extend(reference("generation 0", gen0.and_then(|r| r["test_ppl"].as_f64()), n));
+    out.push((
+        "test_ppl",
+        "Token perplexity on the real test split",
+        line_chart(&axes("Token perplexity on the real test split", "perplexity (log)", true), &s)?,
+    ));
+
+    let mut s = per_generation(rows, &["test_word_ppl"]);
+    s.extend(reference("generation 0", gen0.and_then(|r| r["test_word_ppl"].as_f64()), n));
+    s.extend(reference("KN bigram", real.and_then(|r| r["kn_bigram_test_word_ppl"].as_f64()), n));
+    s.extend(reference("unigram", real.and_then(|r| r["unigram_test_word_ppl"].as_f64()), n));
+    out.push((
+        "test_word_ppl",
+        "Word perplexity on the real test split",
+        line_chart(&axes("Word perplexity on the real test split", "perplexity (log)", true), &s)?,
+    ));
+
+    let s = per_generation(rows, &["ttr_at_n", "mattr", "distinct_1", "distinct_2", "distinct_3"]);
+    out.push((
+        "diversity",
+        "Diversity of each generation's text",
+        line_chart(&axes("Diversity of each generation's text", "ratio", false), &s)?,
+    ));
+
+    let keys = [
+        "rare_ngram_recall_1",
+        "rare_ngram_recall_2",
+        "rare_ngram_recall_3",
+        "common_ngram_recall_1",
+        "common_ngram_recall_2",
+        "novel_trigram_rate",
+        "unigram_js",
+    ];
+    let s = per_generation(rows, &keys);
+    out.push((
+        "tails",
+        "Tails: rare n-gram recall (common as control), novelty, divergence",
+        line_chart(&axes("Tails: rare n-gram recall, novelty, divergence", "fraction / bits", false), &s)?,
+    ));
+
+    // Shumailov's Fig. 1: every sequence scored by generation 0, share per log-spaced bin.
+    let edges = ppl_bin_edges();
+    let centers: Vec<f64> = edges.windows(2).map(|w| (w[0] * w[1]).sqrt()).collect();
+    let hist = |label: String, r: &Value, dashed: bool| -> Option<Series> {
+        let h: Vec<f64> = r["gen0_seq_ppl_hist"].as_array()?.iter().filter_map(Value::as_f64).collect();
+        let total: f64 = h.iter().sum();
+        (total > 0.0).then(|| Series {
+            label,
+            points: centers.iter().zip(&h).map(|(&c, &v)| (c, v / total)).collect(),
+            dashed,
+        })
+    };
+    let mut s: Vec<Series> = real.and_then(|r| hist("real".into(), r, true)).into_iter().collect();
+    s.extend(generation_rows(rows).into_iter().filter_map(|(g, r)| hist(format!("gen {g}"), r, false)));
+    let hist_axes = Axes {
+        title: "Perplexity of each sequence under generation 0",
+        x: "perplexity under generation 0 (log)",
+        y: "share of sequences",
+        log_x: true,
+        log_y: false,
+    };
+    out.push((
+        "gen0_seq_ppl",
+        "Perplexity of each sequence under generation 0 (Shumailov Fig. 1)",
+        line_chart(&hist_axes, &s)?,
+    ));
+
+    // Zipf: rank–frequency of each generation's words, log–log, at about 60 log-spaced ranks.
+    let mut s = Vec::new();
+    for g in 0..n {
+        let path = run.join(format!("gen-{g:02}")).join(CORPUS);
+        if !path.exists() {
+            continue;
+        }
+        let records = read_corpus(&path)?;
+        if g == 0 {
+            let words: Vec<&str> = records.iter().flat_map(|r| r.prompt.split_whitespace()).collect();
+            s.push(Series {
+                label: "real (prompts)".into(),
+                points: zipf_points(&rank_frequency(&words)),
+                dashed: true,
+            });
+        }
+        let words: Vec<&str> = records.iter().flat_map(|r| r.text.split_whitespace()).collect();
+        s.push(Series {
+            label: format!("gen {g}"),
+            points: zipf_points(&rank_frequency(&words)),
+            dashed: false,
+        });
+    }
+    let zipf_axes = Axes {
+        title: "Rank-frequency (Zipf)",
+        x: "rank (log)",
+        y: "frequency (log)",
+        log_x: true,
+        log_y: true,
+    };
+    out.push(("zipf", "Rank-frequency of words (Zipf), log-log", line_chart(&zipf_axes, &s)?));
+    Ok(out.into_iter().map(|(a, b, c)| (a.to_string(), b.to_string(), c)).collect())
+}
+
+fn zipf_points(freq: &[u64]) -> Vec<(f64, f64)> {
+    let mut ranks: Vec<usize> =
+        (0..60).map(|i| (10f64.powf(i as f64 * 5.0 / 59.0)).round() as usize).collect();
+    ranks.dedup();
+    ranks.into_iter().filter(|&r| r >= 1 && r <= freq.len()).map(|r| (r as f64, freq[r - 1] as f64)).collect()
+}
+
+fn esc(s: &str) -> String {
+    s.replace('&', "&amp;").replace('<', "&lt;").replace('>', "&gt;").replace('"', "&quot;")
+}
+
+/// An SVG document as an inline element: no XML declaration, no namespace URL.
+fn inline_svg(svg: &str) -> String {
+    let body = svg.trim_start();
+    let body = match body.strip_prefix("<?xml") {
+        Some(rest) => rest.split_once("?>").map(|(_, b)| b).unwrap_or(rest),
+        None => body,
+    };
+    body.replace(" xmlns=\"http://www.w3.org/2000/svg\"", "")
+}
+
+const TABLE_KEYS: [&str; 14] = [
+    "generation",
+    "test_ppl",
+    "test_word_ppl",
+    "test_ppl_rare",
+    "valid_ppl",
+    "ttr_at_n",
+    "mattr",
+    "distinct_2",
+    "rare_ngram_recall_1",
+    "rare_ngram_recall_3",
+    "common_ngram_recall_1",
+    "novel_trigram_rate",
+    "unigram_js",
+    "gen0_seq_ppl_p50",
+];
+
+fn cell(v: &Value) -> String {
+    match v {
+        Value::Number(n) => match n.as_f64() {
+            Some(x) if n.is_f64() && x.abs() >= 100.0 => format!("{x:.1}"),
+            Some(x) if n.is_f64() => format!("{x:.4}"),
+            _ => n.to_string(),
+        },
+        Value::String(s) => esc(s),
+        Value::Null => "–".into(),
+        other => esc(&other.to_string()),
+    }
+}
+
+/// Writes `plots/*.svg` and `report.html` for the run in `run`.
+pub fn write_report(run: &Path) -> Result<()> {
+    let state = load_state(run)?;
+    let rows = rows(run)?;
+    let plots = plots(run, &state, &rows)?;
+    let dir = run.join("plots");
+    create_dir(&dir)?;
+    for (stem, _, svg) in &plots {
+        write_atomic(&dir.join(format!("{stem}.svg")), svg.as_bytes())?;
+    }
+    let mut html = String::new();
+    let name = run.file_name().map(|n| n.to_string_lossy().into_owned()).unwrap_or_default();
+    write!(
+        html,
+        "<!DOCTYPE html>\n<html lang=\"en\"><head><meta charset=\"utf-8\"><title>collapse-lab: {n}</title>\n<style>\
+         body{{font-family:sans-serif;max-width:1100px;margin:2em auto;padding:0 1em;color:#222}}\
+         table{{border-collapse:collapse;font-size:13px}}td,th{{border:1px solid #ccc;padding:3px 6px;text-align:right}}\
+         th{{background:#f2f2f2}}pre{{white-space:pre-wrap;background:#f7f7f7;padding:.6em;font-size:13px}}\
+         figure{{margin:1.5em 0}}figcaption{{font-weight:bold;margin-bottom:.3em}}.lab{{color:#777;font-size:12px}}\
+         </style></head><body>\n<h1>collapse-lab run <code>{n}</code></h1>\n",
+        n = esc(&name)
+    )?;
+    let c = &state.config;
+    let r = &c.recursion;
+    let s = &c.sample;
+    write!(
+        html,
+        "<p>Preset <b>{}</b>, seed {}, {} generations, regime <b>{:?}</b> (real fraction {}), prompts {:?}, init {:?}; \
+         sampling: temperature {}, top-k {}, top-p {}, repetition penalty {}, beam {}. Model: d {} × {} layers, \
+         vocabulary {}, context {}; train lines: {} (0 = all); {} epochs per generation. crate {}, tokenizer sha256 <code>{}</code>.</p>\n",
+        esc(&c.preset),
+        c.seed,
+        r.generations,
+        r.regime,
+        r.real_fraction,
+        r.prompt_mode,
+        r.init,
+        s.temperature,
+        s.top_k,
+        s.top_p,
+        s.repetition_penalty,
+        s.beam,
+        c.model.d_model,
+        c.model.n_layer,
+        c.model.vocab_size,
+        c.model.ctx,
+        c.data.train_lines,
+        c.train.epochs,
+        esc(&state.crate_version),
+        esc(&state.tokenizer_sha256[..16.min(state.tokenizer_sha256.len())])
+    )?;
+    html.push_str("<h2>Metrics</h2>\n<div style=\"overflow-x:auto\"><table><tr>");
+    for k in TABLE_KEYS {
+        write!(html, "<th>{}</th>", esc(k))?;
+    }
+    html.push_str("</tr>\n");
+    for row in &rows {
+        html.push_str("<tr>");
+        for k in TABLE_KEYS {
+            write!(html, "<td>{}</td>", cell(&row[k]))?;
+        }
+        html.push_str("</tr>\n");
+    }
+    html.push_str("</table></div>\n<p class=\"lab\">All metrics per generation are in metrics.jsonl / metrics.csv.</p>\n<h2>Plots</h2>\n");
+    for (stem, caption, svg) in &plots {
+        write!(
+            html,
+            "<figure id=\"{stem}\"><figcaption>{}</figcaption>{}</figure>\n",
+            esc(caption),
+            inline_svg(svg)
+        )?;
+    }
+    html.push_str("<h2>What the generations wrote</h2>\n");
+    let corpora: Vec<(usize, Vec<CorpusRecord>)> = (0..state.generations.len())
+        .filter_map(|g| {
+            let p = run.join(format!("gen-{g:02}")).join(CORPUS);
+            p.exists().then(|| read_corpus(&p).map(|c| (g, c)))
+        })
+        .collect::<Result<_>>()?;
+    for (g, records) in &corpora {
+        write!(html, "<h3>Generation {g}</h3>\n")?;
+        for rec in records.iter().take(3) {
+            write!(html, "<pre><span class=\"lab\">prompt {}:</span> {}\n<span class=\"lab\">text (gen-0 perplexity {:.1}):</span> {}</pre>\n", rec.prompt_id, esc(&rec.prompt), rec.gen0_ppl, esc(&rec.text))?;
+        }
+    }
+    html.push_str("<h2>Lineages: one block through the generations</h2>\n");
+    if let Some((_, first)) = corpora.first() {
+        let ids: Vec<usize> =
+            [0, first.len() / 3, 2 * first.len() / 3].into_iter().filter(|&i| i < first.len()).collect();
+        for id in ids {
+            write!(
+                html,
+                "<h3>Block {id}</h3>\n<pre><span class=\"lab\">[real]</span> {}\n",
+                esc(&first[id].prompt)
+            )?;
+            for (g, records) in &corpora {
+                if let Some(rec) = records.get(id) {
+                    write!(html, "<span class=\"lab\">[gen {g}]</span> {}\n", esc(&rec.text))?;
+                }
+            }
+            html.push_str("</pre>\n");
+        }
+    }
+    html.push_str("</body></html>\n");
+    write_atomic(&run.join("report.html"), html.as_bytes())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn significant_digits() {
+        assert_eq!(sig3(316227.766), "316000");
+        assert_eq!(sig3(123.456), "123");
+        assert_eq!(sig3(3.16227), "3.16");
+        assert_eq!(sig3(0.012345), "0.0123");
+        assert_eq!(sig3(1.0), "1");
+    }
+
+    #[test]
+    fn a_chart_holds_its_series() {
+        let s = [
+            Series { label: "alpha".into(), points: vec![(0.0, 1.0), (1.0, 2.0)], dashed: false },
+            Series { label: "beta".into(), points: vec![(0.0, 2.0), (1.0, 2.0)], dashed: true },
+        ];
+        let axes = Axes { title: "T", x: "generation", y: "y", log_x: false, log_y: true };
+        let svg = line_chart(&axes, &s).unwrap();
+        let doc = roxmltree::Document::parse(&svg).unwrap();
+        let texts: Vec<&str> = doc.descendants().filter_map(|n| n.text()).map(str::trim).collect();
+        assert!(texts.contains(&"alpha") && texts.contains(&"beta"), "{texts:?}");
+        assert!(doc.descendants().filter(|n| n.has_tag_name("polyline")).count() >= 2);
+        assert!(!inline_svg(&svg).contains("http"));
+    }
+}
