@@ -45,6 +45,9 @@ pub enum Command {
     Inspect(InspectArgs),
     /// Word-level corpus metrics (SPEC §2) of any text against a reference text.
     Metrics(MetricsArgs),
+    /// Toy models of collapse that run in milliseconds.
+    #[command(subcommand)]
+    Toy(ToyCommand),
     /// Training-step and sampling speed on random tokens (compare with ../shared/bench/torch_gpt.py).
     Bench(BenchArgs),
 }
@@ -205,6 +208,35 @@ pub struct ResumeArgs {
     pub common: Common,
 }
 
+#[derive(Debug, Subcommand)]
+pub enum ToyCommand {
+    /// Fit a Gaussian to N samples, sample N from the fit, refit, repeat (Shumailov's theory).
+    Gaussian(GaussianArgs),
+}
+
+#[derive(Debug, Args)]
+pub struct GaussianArgs {
+    /// Samples per generation
+    #[arg(long, default_value_t = 100)]
+    pub samples: usize,
+    #[arg(long, default_value_t = 200)]
+    pub generations: usize,
+    #[arg(long, value_enum, default_value = "replace")]
+    pub regime: crate::config::Regime,
+    /// With --regime keep-real: the share of the original samples kept
+    #[arg(long, default_value_t = 0.1)]
+    pub real_fraction: f64,
+    /// Independent repetitions (seeds 0..S)
+    #[arg(long, default_value_t = 5)]
+    pub seeds: u64,
+    /// Write the variance and mean plots (SVG) into this directory
+    #[arg(long, value_name = "DIR")]
+    pub out: Option<PathBuf>,
+    /// Print JSON (one object per seed)
+    #[arg(long)]
+    pub json: bool,
+}
+
 #[derive(Debug, Args)]
 pub struct ReportArgs {
     /// The run directory
@@ -289,6 +321,7 @@ pub fn run(cli: Cli) -> Result<()> {
         Command::Run(a) => run_cmd(a),
         Command::Resume(a) => resume(a),
         Command::Inspect(a) => inspect(a),
+        Command::Toy(ToyCommand::Gaussian(a)) => toy_gaussian(a),
         Command::Report(a) => {
             crate::recursion::load_state(&a.run).map_err(|e| crate::config::UsageError(format!("{e:#}")))?;
             crate::report::write_report(&a.run)?;
@@ -661,6 +694,61 @@ fn metrics(a: MetricsArgs) -> Result<()> {
         let v = serde_json::to_value(&m)?;
         for (k, x) in v.as_object().into_iter().flatten() {
             println!("{k:24} {x}");
+        }
+    }
+    Ok(())
+}
+
+fn toy_gaussian(a: GaussianArgs) -> Result<()> {
+    use crate::report::{line_chart, Axes, Series};
+    if a.samples < 2 || a.generations == 0 || a.seeds == 0 {
+        return usage("--samples must be at least 2, --generations and --seeds at least 1");
+    }
+    if !(0.0..=1.0).contains(&a.real_fraction) {
+        return usage(format!("--real-fraction must be in [0, 1], got {}", a.real_fraction));
+    }
+    let runs: Vec<Vec<crate::toy::Fit>> = (0..a.seeds)
+        .map(|s| crate::toy::gaussian(a.samples, a.generations, a.regime, a.real_fraction, s))
+        .collect();
+    if a.json {
+        for (seed, fits) in runs.iter().enumerate() {
+            println!("{}", json!({"seed": seed, "regime": a.regime, "samples": a.samples, "fits": fits}));
+        }
+    } else {
+        let step = (a.generations / 10).max(1);
+        print!("{:>10}", "generation");
+        for s in 0..a.seeds {
+            print!(" {:>12} {:>9}", format!("var s{s}"), format!("mean s{s}"));
+        }
+        println!();
+        for g in (0..a.generations).step_by(step).chain(std::iter::once(a.generations - 1)) {
+            print!("{g:>10}");
+            for fits in &runs {
+                print!(" {:>12.4e} {:>9.4}", fits[g].variance, fits[g].mean);
+            }
+            println!();
+        }
+    }
+    if let Some(dir) = &a.out {
+        crate::run_dir::create_dir(dir)?;
+        for (stem, log_y, value) in [("variance", true, 0usize), ("mean", false, 1)] {
+            let series: Vec<Series> = runs
+                .iter()
+                .enumerate()
+                .map(|(s, fits)| Series {
+                    label: format!("seed {s}"),
+                    points: fits
+                        .iter()
+                        .map(|f| (f.generation as f64, if value == 0 { f.variance } else { f.mean }))
+                        .collect(),
+                    dashed: false,
+                })
+                .collect();
+            let title = format!("Gaussian toy, {:?}, N = {}: {stem} per generation", a.regime, a.samples);
+            let axes = Axes { title: &title, x: "generation", y: stem, log_x: false, log_y };
+            let path = dir.join(format!("toy_gaussian_{stem}.svg"));
+            crate::run_dir::write_atomic(&path, line_chart(&axes, &series)?.as_bytes())?;
+            println!("wrote {}", path.display());
         }
     }
     Ok(())

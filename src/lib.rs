@@ -19,6 +19,7 @@ pub mod run_dir;
 pub mod sample;
 pub mod sampler;
 pub mod tokenizer;
+pub mod toy;
 pub mod train;
 
 /// Tells glibc to keep freed large blocks instead of returning them to the system with `munmap`.
