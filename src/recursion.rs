@@ -376,7 +376,14 @@ pub fn continue_run(opts: &RunOptions) -> Result<()> {
             let started = Instant::now();
             let info: ModelInfo =
                 serde_json::from_str(&std::fs::read_to_string(dir.join(checkpoint::MODEL_JSON))?)?;
-            let row = lab.measure_generation(g, &model, &records, &info, &state)?;
+            let mut row = lab.measure_generation(g, &model, &records, &info, &state)?;
+            let gen0_row = rows
+                .iter()
+                .find(|r| r["generation"] == 0)
+                .cloned()
+                .unwrap_or_else(|| Value::Object(row.clone()));
+            let stage = crate::metrics::collapse_stage(&Value::Object(row.clone()), &gen0_row);
+            row.insert("stage".into(), json!(stage));
             // Rows stay in generation order even when an earlier one was re-measured.
             let pos = rows
                 .iter()
@@ -771,7 +778,7 @@ pub fn metrics_csv(rows: &[Value]) -> String {
     csv
 }
 
-const TABLE: [(&str, &str); 10] = [
+const TABLE: [(&str, &str); 11] = [
     ("gen", "generation"),
     ("test_ppl", "test_ppl"),
     ("word_ppl", "test_word_ppl"),
@@ -782,6 +789,7 @@ const TABLE: [(&str, &str); 10] = [
     ("rare_rec3", "rare_ngram_recall_3"),
     ("novel3", "novel_trigram_rate"),
     ("gen0_p50", "gen0_seq_ppl_p50"),
+    ("stage", "stage"),
 ];
 
 fn print_header() {

@@ -308,7 +308,7 @@ fn inline_svg(svg: &str) -> String {
     body.replace(" xmlns=\"http://www.w3.org/2000/svg\"", "")
 }
 
-const TABLE_KEYS: [&str; 14] = [
+const TABLE_KEYS: [&str; 15] = [
     "generation",
     "test_ppl",
     "test_word_ppl",
@@ -323,6 +323,7 @@ const TABLE_KEYS: [&str; 14] = [
     "novel_trigram_rate",
     "unigram_js",
     "gen0_seq_ppl_p50",
+    "stage",
 ];
 
 fn cell(v: &Value) -> String {

@@ -80,3 +80,69 @@ mod tests {
         assert_eq!(d.p50, 2.0);
     }
 }
+
+/// The thresholds of [`collapse_stage`], all relative to generation 0 (SPEC: the seed article's
+/// stages). One place, documented in the README.
+pub mod stage_rules {
+    /// Early (tail loss): rare-unigram recall falls by at least this share, or rare-word perplexity
+    /// rises by at least this share…
+    pub const RARE_DROP: f64 = 0.10;
+    /// …while common-unigram recall stays within this share of generation 0's.
+    pub const COMMON_KEPT: f64 = 0.05;
+    /// Late (modes blur): distinct-2 or unigram entropy falls by at least this share…
+    pub const DIVERSITY_DROP: f64 = 0.10;
+    /// …or the 95th percentile of gen-0 perplexity grows by at least this factor (a high tail).
+    pub const TAIL_GROWTH: f64 = 2.0;
+    /// Catastrophic (repetition dominates): distinct-2 or MATTR falls below this share of
+    /// generation 0's.
+    pub const REPETITION: f64 = 0.5;
+}
+
+/// The collapse stage of a generation's metrics row against generation 0's: "none", "early",
+/// "late" or "catastrophic" (the most advanced stage whose rule holds). Generation 0 is "none".
+pub fn collapse_stage(row: &serde_json::Value, gen0: &serde_json::Value) -> &'static str {
+    use stage_rules::*;
+    let ratio = |k: &str| match (row[k].as_f64(), gen0[k].as_f64()) {
+        (Some(a), Some(b)) if b != 0.0 => a / b,
+        _ => f64::NAN,
+    };
+    if ratio("distinct_2") < REPETITION || ratio("mattr") < REPETITION {
+        "catastrophic"
+    } else if ratio("distinct_2") <= 1.0 - DIVERSITY_DROP
+        || ratio("unigram_entropy") <= 1.0 - DIVERSITY_DROP
+        || ratio("gen0_seq_ppl_p95") >= TAIL_GROWTH
+    {
+        "late"
+    } else if (ratio("rare_ngram_recall_1") <= 1.0 - RARE_DROP || ratio("test_ppl_rare") >= 1.0 + RARE_DROP)
+        && (ratio("common_ngram_recall_1") - 1.0).abs() <= COMMON_KEPT
+    {
+        "early"
+    } else {
+        "none"
+    }
+}
+
+#[cfg(test)]
+mod stage_tests {
+    use super::*;
+    use serde_json::json;
+
+    #[test]
+    fn stages_follow_the_rules() {
+        let g0 = json!({"distinct_2": 0.8, "mattr": 0.7, "unigram_entropy": 10.0, "gen0_seq_ppl_p95": 300.0,
+                        "rare_ngram_recall_1": 0.2, "test_ppl_rare": 500.0, "common_ngram_recall_1": 0.98});
+        assert_eq!(collapse_stage(&g0, &g0), "none");
+        let early = json!({"distinct_2": 0.79, "mattr": 0.7, "unigram_entropy": 9.9, "gen0_seq_ppl_p95": 320.0,
+                           "rare_ngram_recall_1": 0.17, "test_ppl_rare": 520.0, "common_ngram_recall_1": 0.97});
+        assert_eq!(collapse_stage(&early, &g0), "early"); // recall 0.17/0.2 = 0.85 ≤ 0.9; common 0.99 of gen 0
+        let late = json!({"distinct_2": 0.70, "mattr": 0.6, "unigram_entropy": 9.5, "gen0_seq_ppl_p95": 320.0,
+                          "rare_ngram_recall_1": 0.15, "test_ppl_rare": 600.0, "common_ngram_recall_1": 0.9});
+        assert_eq!(collapse_stage(&late, &g0), "late"); // distinct-2 0.70/0.8 = 0.875 ≤ 0.9
+        let tail = json!({"distinct_2": 0.8, "mattr": 0.7, "unigram_entropy": 10.0, "gen0_seq_ppl_p95": 600.0,
+                          "rare_ngram_recall_1": 0.2, "test_ppl_rare": 500.0, "common_ngram_recall_1": 0.98});
+        assert_eq!(collapse_stage(&tail, &g0), "late"); // p95 doubled
+        let cat = json!({"distinct_2": 0.3, "mattr": 0.6, "unigram_entropy": 6.0, "gen0_seq_ppl_p95": 900.0,
+                         "rare_ngram_recall_1": 0.05, "test_ppl_rare": 900.0, "common_ngram_recall_1": 0.7});
+        assert_eq!(collapse_stage(&cat, &g0), "catastrophic"); // distinct-2 0.3/0.8 < 0.5
+    }
+}
