@@ -45,6 +45,10 @@ pub enum Command {
     Inspect(InspectArgs),
     /// Word-level corpus metrics (SPEC §2) of any text against a reference text.
     Metrics(MetricsArgs),
+    /// Plots and tables of several runs, one curve per setting, seeds aggregated with 95 % bands.
+    Compare(CompareArgs),
+    /// A grid of runs (each resumable), then their comparison.
+    Sweep(SweepArgs),
     /// Toy models of collapse that run in milliseconds.
     #[command(subcommand)]
     Toy(ToyCommand),
@@ -208,6 +212,46 @@ pub struct ResumeArgs {
     pub common: Common,
 }
 
+#[derive(Debug, Args)]
+pub struct CompareArgs {
+    /// Run directories
+    #[arg(required = true, num_args = 1..)]
+    pub runs: Vec<PathBuf>,
+    /// Where compare.html and plots/ go
+    #[arg(long, value_name = "DIR", default_value = "checkpoints/compare")]
+    pub out: PathBuf,
+}
+
+#[derive(Debug, Args)]
+pub struct SweepArgs {
+    /// Temperatures to try, comma-separated
+    #[arg(long, value_delimiter = ',', default_value = "1.0", allow_negative_numbers = true)]
+    pub temperature: Vec<f32>,
+    /// Top-p values to try, comma-separated
+    #[arg(long, value_delimiter = ',', default_value = "1.0", allow_negative_numbers = true)]
+    pub top_p: Vec<f32>,
+    /// Regimes to try, comma-separated
+    #[arg(long, value_delimiter = ',', default_value = "replace")]
+    pub regime: Vec<crate::config::Regime>,
+    /// Seeds per grid point (0..S)
+    #[arg(long, default_value_t = 1)]
+    pub seeds: u64,
+    #[arg(long, default_value = "cpu")]
+    pub preset: String,
+    #[arg(long)]
+    pub generations: Option<usize>,
+    /// Any other setting, as in `run --set` (repeatable)
+    #[arg(long = "set", value_name = "KEY=VALUE")]
+    pub sets: Vec<String>,
+    /// The sweep directory: one run per grid point and seed, and compare/
+    #[arg(long, value_name = "DIR")]
+    pub out: PathBuf,
+    #[arg(long)]
+    pub quiet: bool,
+    #[command(flatten)]
+    pub common: Common,
+}
+
 #[derive(Debug, Subcommand)]
 pub enum ToyCommand {
     /// Fit a Gaussian to N samples, sample N from the fit, refit, repeat (Shumailov's theory).
@@ -322,6 +366,15 @@ pub fn run(cli: Cli) -> Result<()> {
         Command::Resume(a) => resume(a),
         Command::Inspect(a) => inspect(a),
         Command::Toy(ToyCommand::Gaussian(a)) => toy_gaussian(a),
+        Command::Compare(a) => {
+            for r in &a.runs {
+                crate::recursion::load_state(r).map_err(|e| crate::config::UsageError(format!("{e:#}")))?;
+            }
+            crate::compare::compare(&a.runs, &a.out)?;
+            println!("wrote {}", a.out.join("compare.html").display());
+            Ok(())
+        }
+        Command::Sweep(a) => sweep(a),
         Command::Report(a) => {
             crate::recursion::load_state(&a.run).map_err(|e| crate::config::UsageError(format!("{e:#}")))?;
             crate::report::write_report(&a.run)?;
@@ -742,6 +795,7 @@ fn toy_gaussian(a: GaussianArgs) -> Result<()> {
                         .map(|f| (f.generation as f64, if value == 0 { f.variance } else { f.mean }))
                         .collect(),
                     dashed: false,
+                    band: None,
                 })
                 .collect();
             let title = format!("Gaussian toy, {:?}, N = {}: {stem} per generation", a.regime, a.samples);
@@ -751,5 +805,58 @@ fn toy_gaussian(a: GaussianArgs) -> Result<()> {
             println!("wrote {}", path.display());
         }
     }
+    Ok(())
+}
+
+fn sweep(a: SweepArgs) -> Result<()> {
+    if !PRESETS.contains(&a.preset.as_str()) {
+        return usage(format!(
+            "--preset: unknown preset '{}' (expected one of: {})",
+            a.preset,
+            PRESETS.join(", ")
+        ));
+    }
+    if a.seeds == 0 {
+        return usage("--seeds must be at least 1");
+    }
+    let dev = device(&a.common.device)?;
+    let mut dirs = Vec::new();
+    for &t in &a.temperature {
+        for &p in &a.top_p {
+            for &regime in &a.regime {
+                for seed in 0..a.seeds {
+                    let mut sets = a.sets.clone();
+                    sets.push(format!("sample.temperature={t}"));
+                    sets.push(format!("sample.top_p={p}"));
+                    sets.push(format!("recursion.regime={}", json!(regime)));
+                    if let Some(g) = a.generations {
+                        sets.push(format!("recursion.generations={g}"));
+                    }
+                    let cfg = Config::resolve(&a.preset, None, &sets, Some(seed))?;
+                    let name = format!("t{t}-p{p}-{}-seed{seed}", json!(regime).as_str().unwrap_or("regime"));
+                    let opts = crate::recursion::RunOptions {
+                        out: a.out.join(&name),
+                        data_dir: a.common.data_dir(),
+                        quiet: a.quiet,
+                        device: dev.clone(),
+                    };
+                    if !a.quiet {
+                        println!("== {name}");
+                    }
+                    // Each grid point is an ordinary run: a finished one is kept, an interrupted one resumed.
+                    if opts.out.join(crate::recursion::RUN_JSON).exists() {
+                        crate::recursion::continue_run(&opts)?;
+                    } else {
+                        crate::recursion::start_run(cfg, &opts, false)?;
+                    }
+                    crate::report::write_report(&opts.out)?;
+                    dirs.push(opts.out);
+                }
+            }
+        }
+    }
+    let out = a.out.join("compare");
+    crate::compare::compare(&dirs, &out)?;
+    println!("wrote {}", out.join("compare.html").display());
     Ok(())
 }

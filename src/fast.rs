@@ -376,8 +376,9 @@ impl<'a> FastDecoder<'a> {
         let mut x = vec![0f32; n * c];
         x.par_chunks_mut(c).enumerate().for_each(|(i, xr)| {
             let (tok, p) = (tokens[i] as usize, pos0 + i % t);
-            for j in 0..c {
-                xr[j] = w.wte[tok * c + j] + w.wpe[p * c + j];
+            let (te, pe) = (&w.wte[tok * c..(tok + 1) * c], &w.wpe[p * c..(p + 1) * c]);
+            for (x, (a, b)) in xr.iter_mut().zip(te.iter().zip(pe)) {
+                *x = a + b;
             }
         });
         let (mut ln, mut mean, mut rstd) = (vec![0f32; n * c], vec![0f32; n], vec![0f32; n]);
@@ -440,7 +441,6 @@ fn cached_attention(
         || (vec![0f32; t * len], vec![0f32; hs]),
         |(att, acc), rh| {
             let (r, hi) = (rh / h, rh % h);
-            let out_p = out_p;
             // SAFETY: q rows of (r, hi) are t rows of hs floats at stride 3C; the cache rows are len
             // rows at stride C; this task alone writes out's (r, hi) columns.
             if t == 1 {
@@ -463,7 +463,7 @@ fn cached_attention(
                     }
                 }
                 // SAFETY: this task alone writes out's (r, hi) columns.
-                let o = unsafe { std::slice::from_raw_parts_mut(out_p.0.add(r * c + hi * hs), hs) };
+                let o = unsafe { std::slice::from_raw_parts_mut(out_p.ptr().add(r * c + hi * hs), hs) };
                 for (o, a) in o.iter_mut().zip(acc.iter()) {
                     *o = a * inv;
                 }
@@ -505,7 +505,7 @@ fn cached_attention(
                     row[..visible].iter_mut().for_each(|x| *x *= inv);
                     row[visible..].iter_mut().for_each(|x| *x = 0.0);
                 }
-                let o = out_p.0.add(r * t * c + hi * hs);
+                let o = out_p.ptr().add(r * t * c + hi * hs);
                 gemm::gemm(
                     t,
                     hs,
@@ -680,10 +680,8 @@ fn backward(cfg: &ModelConfig, w: &Weights, g: &mut Weights, a: &mut Acts, input
     for (row, d) in a.d_res.chunks(c).enumerate() {
         let tok = inputs[row] as usize;
         let pos = row % t;
-        for i in 0..c {
-            g.wte[tok * c + i] += d[i];
-            g.wpe[pos * c + i] += d[i];
-        }
+        g.wte[tok * c..(tok + 1) * c].iter_mut().zip(d).for_each(|(g, d)| *g += d);
+        g.wpe[pos * c..(pos + 1) * c].iter_mut().zip(d).for_each(|(g, d)| *g += d);
     }
 }
 
@@ -886,7 +884,7 @@ const GELU_S: f32 = 0.797_884_6; // √(2/π)
 #[inline(always)]
 pub fn fast_exp(x: f32) -> f32 {
     const MAGIC: f32 = 12_582_912.0; // 1.5·2²³: adding and subtracting it rounds to an integer
-    let underflow = !(x > -87.0); // also true for NaN
+    let underflow = x.is_nan() || x <= -87.0;
     let x = if underflow {
         -87.0
     } else if x < 88.0 {
@@ -987,6 +985,13 @@ struct SendPtr(*mut f32);
 unsafe impl Send for SendPtr {}
 unsafe impl Sync for SendPtr {}
 
+impl SendPtr {
+    /// Taking `self` makes closures capture the whole (Send) wrapper, not the raw pointer field.
+    fn ptr(self) -> *mut f32 {
+        self.0
+    }
+}
+
 /// Causal multi-head attention. qkv: (B, T, 3C) holding q | k | v; att: (B, H, T, T) probabilities;
 /// out: (B, T, C) with head h in columns h·hs..(h+1)·hs.
 fn attention_forward(out: &mut [f32], att: &mut [f32], qkv: &[f32], b: usize, t: usize, c: usize, h: usize) {
@@ -997,7 +1002,6 @@ fn attention_forward(out: &mut [f32], att: &mut [f32], qkv: &[f32], b: usize, t:
     att.par_chunks_mut(t * t).enumerate().for_each(|(bh, a)| {
         let (bi, hi) = (bh / h, bh % h);
         let base = qkv[bi * t * 3 * c..].as_ptr();
-        let out_p = out_p;
         // SAFETY: q, k, v of (bi, hi) are T rows of hs floats with row stride 3C inside qkv; a is
         // this task's own (T, T) block; the output columns of (bi, hi) are written by this task only.
         unsafe {
@@ -1035,7 +1039,7 @@ fn attention_forward(out: &mut [f32], att: &mut [f32], qkv: &[f32], b: usize, t:
                 row[t1 + 1..].iter_mut().for_each(|x| *x = 0.0);
             }
             // out (T, hs) = att · v
-            let o = out_p.0.add(bi * t * c + hi * hs);
+            let o = out_p.ptr().add(bi * t * c + hi * hs);
             gemm::gemm(
                 t,
                 hs,
@@ -1082,13 +1086,13 @@ fn attention_backward(
         let (bi, hi) = (bh / h, bh % h);
         let a = &att[bh * t * t..(bh + 1) * t * t];
         let base = qkv[bi * t * 3 * c..].as_ptr();
-        let dbase = dq_p;
+
         // SAFETY: reads as in attention_forward; writes go to this (bi, hi)'s q, k, v columns of
         // dqkv, which no other task touches, and to its own datt block.
         unsafe {
             let (q, k, v) = (base.add(hi * hs), base.add(c + hi * hs), base.add(2 * c + hi * hs));
             let d_o = dout.as_ptr().add(bi * t * c + hi * hs);
-            let db = dbase.0.add(bi * t * 3 * c);
+            let db = dq_p.ptr().add(bi * t * 3 * c);
             let (dq, dk, dv) = (db.add(hi * hs), db.add(c + hi * hs), db.add(2 * c + hi * hs));
             // datt (T, T) = dout · v^T
             gemm::gemm(

@@ -8,6 +8,7 @@ pub mod baseline;
 pub mod bench;
 pub mod checkpoint;
 pub mod cli;
+pub mod compare;
 pub mod config;
 pub mod data;
 pub mod fast;

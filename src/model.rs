@@ -43,7 +43,7 @@ impl ModelConfig {
                 return Err(format!("{name} must be at least 1"));
             }
         }
-        if self.d_model % self.n_head != 0 {
+        if !self.d_model.is_multiple_of(self.n_head) {
             return Err(format!(
                 "model.d_model ({}) must be a multiple of model.n_head ({})",
                 self.d_model, self.n_head

@@ -18,6 +18,8 @@ pub struct Series {
     pub points: Vec<(f64, f64)>,
     /// Reference lines (generation 0, the n-gram baselines) are dashed.
     pub dashed: bool,
+    /// A shaded band (x, low, high), e.g. a confidence interval.
+    pub band: Option<Vec<(f64, f64, f64)>>,
 }
 
 /// Axes of a chart; a log axis plots log10 of the values and labels ticks with the values.
@@ -47,7 +49,16 @@ pub fn line_chart(axes: &Axes, series: &[Series]) -> Result<String> {
                 .collect()
         })
         .collect();
-    let all: Vec<&(f64, f64)> = curves.iter().flatten().collect();
+    let bands: Vec<Vec<(f64, f64)>> = series
+        .iter()
+        .map(|s| {
+            let b = s.band.as_deref().unwrap_or(&[]);
+            let upper = b.iter().map(|&(x, _, hi)| (tx(x), ty(hi)));
+            let lower = b.iter().rev().map(|&(x, lo, _)| (tx(x), ty(lo)));
+            upper.chain(lower).filter(|(x, y)| x.is_finite() && y.is_finite()).collect()
+        })
+        .collect();
+    let all: Vec<&(f64, f64)> = curves.iter().flatten().chain(bands.iter().flatten()).collect();
     let range = |f: fn(&(f64, f64)) -> f64| {
         let (lo, hi) = all
             .iter()
@@ -92,6 +103,10 @@ pub fn line_chart(axes: &Axes, series: &[Series]) -> Result<String> {
         for (i, (s, pts)) in series.iter().zip(curves).enumerate() {
             let color = Palette99::pick(i).to_rgba();
             let style = ShapeStyle { color, filled: true, stroke_width: 2 };
+            if bands[i].len() >= 3 {
+                let fill = Palette99::pick(i).mix(0.18).filled();
+                chart.draw_series(std::iter::once(Polygon::new(bands[i].clone(), fill))).map_err(plot_err)?;
+            }
             let legend = move |(x, y): (i32, i32)| PathElement::new(vec![(x, y), (x + 18, y)], style);
             if s.dashed {
                 chart
@@ -164,6 +179,7 @@ fn per_generation(rows: &[Value], keys: &[&str]) -> Vec<Series> {
                 .filter_map(|(g, r)| r[*k].as_f64().map(|v| (*g as f64, v)))
                 .collect(),
             dashed: false,
+            band: None,
         })
         .collect()
 }
@@ -174,6 +190,7 @@ fn reference(label: &str, value: Option<f64>, generations: usize) -> Option<Seri
         label: label.to_string(),
         points: vec![(0.0, v), ((generations.max(2) - 1) as f64, v)],
         dashed: true,
+        band: None,
     })
 }
 
@@ -236,6 +253,7 @@ pub fn plots(run: &Path, state: &RunState, rows: &[Value]) -> Result<Vec<(String
             label,
             points: centers.iter().zip(&h).map(|(&c, &v)| (c, v / total)).collect(),
             dashed,
+            band: None,
         })
     };
     let mut s: Vec<Series> = real.and_then(|r| hist("real".into(), r, true)).into_iter().collect();
@@ -267,6 +285,7 @@ pub fn plots(run: &Path, state: &RunState, rows: &[Value]) -> Result<Vec<(String
                 label: "real (prompts)".into(),
                 points: zipf_points(&rank_frequency(&words)),
                 dashed: true,
+                band: None,
             });
         }
         let words: Vec<&str> = records.iter().flat_map(|r| r.text.split_whitespace()).collect();
@@ -274,6 +293,7 @@ pub fn plots(run: &Path, state: &RunState, rows: &[Value]) -> Result<Vec<(String
             label: format!("gen {g}"),
             points: zipf_points(&rank_frequency(&words)),
             dashed: false,
+            band: None,
         });
     }
     let zipf_axes = Axes {
@@ -299,7 +319,7 @@ fn esc(s: &str) -> String {
 }
 
 /// An SVG document as an inline element: no XML declaration, no namespace URL.
-fn inline_svg(svg: &str) -> String {
+pub fn inline_svg(svg: &str) -> String {
     let body = svg.trim_start();
     let body = match body.strip_prefix("<?xml") {
         Some(rest) => rest.split_once("?>").map(|(_, b)| b).unwrap_or(rest),
@@ -364,11 +384,11 @@ pub fn write_report(run: &Path) -> Result<()> {
     let c = &state.config;
     let r = &c.recursion;
     let s = &c.sample;
-    write!(
+    writeln!(
         html,
         "<p>Preset <b>{}</b>, seed {}, {} generations, regime <b>{:?}</b> (real fraction {}), prompts {:?}, init {:?}; \
          sampling: temperature {}, top-k {}, top-p {}, repetition penalty {}, beam {}. Model: d {} × {} layers, \
-         vocabulary {}, context {}; train lines: {} (0 = all); {} epochs per generation. crate {}, tokenizer sha256 <code>{}</code>.</p>\n",
+         vocabulary {}, context {}; train lines: {} (0 = all); {} epochs per generation. crate {}, tokenizer sha256 <code>{}</code>.</p>",
         esc(&c.preset),
         c.seed,
         r.generations,
@@ -404,9 +424,9 @@ pub fn write_report(run: &Path) -> Result<()> {
     }
     html.push_str("</table></div>\n<p class=\"lab\">All metrics per generation are in metrics.jsonl / metrics.csv.</p>\n<h2>Plots</h2>\n");
     for (stem, caption, svg) in &plots {
-        write!(
+        writeln!(
             html,
-            "<figure id=\"{stem}\"><figcaption>{}</figcaption>{}</figure>\n",
+            "<figure id=\"{stem}\"><figcaption>{}</figcaption>{}</figure>",
             esc(caption),
             inline_svg(svg)
         )?;
@@ -419,7 +439,7 @@ pub fn write_report(run: &Path) -> Result<()> {
         })
         .collect::<Result<_>>()?;
     for (g, records) in &corpora {
-        write!(html, "<h3>Generation {g}</h3>\n")?;
+        writeln!(html, "<h3>Generation {g}</h3>")?;
         for rec in records.iter().take(3) {
             write!(html, "<pre><span class=\"lab\">prompt {}:</span> {}\n<span class=\"lab\">text (gen-0 perplexity {:.1}):</span> {}</pre>\n", rec.prompt_id, esc(&rec.prompt), rec.gen0_ppl, esc(&rec.text))?;
         }
@@ -436,7 +456,7 @@ pub fn write_report(run: &Path) -> Result<()> {
             )?;
             for (g, records) in &corpora {
                 if let Some(rec) = records.get(id) {
-                    write!(html, "<span class=\"lab\">[gen {g}]</span> {}\n", esc(&rec.text))?;
+                    writeln!(html, "<span class=\"lab\">[gen {g}]</span> {}", esc(&rec.text))?;
                 }
             }
             html.push_str("</pre>\n");
@@ -462,8 +482,8 @@ mod tests {
     #[test]
     fn a_chart_holds_its_series() {
         let s = [
-            Series { label: "alpha".into(), points: vec![(0.0, 1.0), (1.0, 2.0)], dashed: false },
-            Series { label: "beta".into(), points: vec![(0.0, 2.0), (1.0, 2.0)], dashed: true },
+            Series { label: "alpha".into(), points: vec![(0.0, 1.0), (1.0, 2.0)], dashed: false, band: None },
+            Series { label: "beta".into(), points: vec![(0.0, 2.0), (1.0, 2.0)], dashed: true, band: None },
         ];
         let axes = Axes { title: "T", x: "generation", y: "y", log_x: false, log_y: true };
         let svg = line_chart(&axes, &s).unwrap();

@@ -237,7 +237,7 @@ pub fn train(
     let ctx = model.cfg.ctx;
     let total = planned_steps(cfg, ctx, train.len());
     let mut batcher = Batcher::new(train, ctx, cfg.batch_size, seed)?;
-    let mut dropout_rng = ChaCha8Rng::seed_from_u64(seed ^ 0xd20b_0u64);
+    let mut dropout_rng = ChaCha8Rng::seed_from_u64(seed ^ 0x000d_20b0_u64);
     let mut engine = Engine::new(model, varmap, cfg, dev)?;
     let bar = progress_bar(total as u64, target.quiet, &target.label);
     let started = Instant::now();
@@ -248,7 +248,8 @@ pub fn train(
     for step in 0..total {
         let lr = lr_at(step, total, cfg);
         let (x, y) = batcher.next(dev)?;
-        let drop = (model.cfg.dropout > 0.0).then(|| Dropout { p: model.cfg.dropout, rng: &mut dropout_rng });
+        let drop =
+            (model.cfg.dropout > 0.0).then_some(Dropout { p: model.cfg.dropout, rng: &mut dropout_rng });
         let (loss_value, norm) = engine.step(model, &x, &y, drop, lr, cfg)?;
         if !loss_value.is_finite() || !norm.is_finite() {
             bar.abandon();

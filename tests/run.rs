@@ -324,3 +324,61 @@ fn killed_and_resumed_runs_equal_an_uninterrupted_run() {
     assert!(stderr(&o).contains("generation 1"), "{}", stderr(&o));
     assert!(std::fs::read(&f).unwrap() == good);
 }
+
+#[test]
+fn sweep_runs_the_grid_and_compares_with_confidence_bands() {
+    let tmp = tempfile::tempdir().unwrap();
+    let out = tmp.path().join("sweep");
+    let o = run(&[
+        "sweep",
+        "--preset",
+        "smoke",
+        "--temperature",
+        "0.7,1.0",
+        "--seeds",
+        "2",
+        "--generations",
+        "2",
+        "--quiet",
+        "--out",
+        out.to_str().unwrap(),
+    ]);
+    assert!(o.status.success(), "{}", stderr(&o));
+    let runs: Vec<_> = std::fs::read_dir(&out)
+        .unwrap()
+        .map(|e| e.unwrap().path())
+        .filter(|p| p.join("run.json").is_file())
+        .collect();
+    assert_eq!(runs.len(), 4, "2 temperatures × 2 seeds");
+    let html = std::fs::read_to_string(out.join("compare/compare.html")).unwrap();
+    assert!(
+        html.contains("temperature=0.7 (n=2)") && html.contains("temperature=1 (n=2)"),
+        "labelled by what differs"
+    );
+    assert!(!html.contains("http"));
+    let svg = std::fs::read_to_string(out.join("compare/plots/compare_test_ppl.svg")).unwrap();
+    let doc = roxmltree::Document::parse(&svg).unwrap();
+    assert_eq!(doc.descendants().filter(|n| n.has_tag_name("polygon")).count(), 2, "one 95% band per group");
+    // compare of two runs that differ only in temperature: two labelled curves, no band (n = 1 each).
+    let (a, b) = (out.join("t0.7-p1-replace-seed0"), out.join("t1-p1-replace-seed0"));
+    let cmp = tmp.path().join("cmp");
+    let o = run(&["compare", a.to_str().unwrap(), b.to_str().unwrap(), "--out", cmp.to_str().unwrap()]);
+    assert!(o.status.success(), "{}", stderr(&o));
+    let svg = std::fs::read_to_string(cmp.join("plots/compare_test_ppl.svg")).unwrap();
+    assert!(svg.contains("temperature=0.7 (n=1)") && svg.contains("temperature=1 (n=1)"));
+    // Resuming the sweep keeps the finished runs.
+    let o = run(&[
+        "sweep",
+        "--preset",
+        "smoke",
+        "--temperature",
+        "0.7,1.0",
+        "--seeds",
+        "2",
+        "--generations",
+        "2",
+        "--out",
+        out.to_str().unwrap(),
+    ]);
+    assert!(o.status.success() && String::from_utf8_lossy(&o.stdout).matches("is complete").count() == 4);
+}

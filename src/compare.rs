@@ -1,0 +1,205 @@
+//! `compare` and `sweep`: several runs in one set of plots. Runs are labelled by the settings in
+//! which they differ (temperature, top-p, regime, …); runs that differ only in their seed form one
+//! group, drawn as its mean with a 95 % confidence band (Student's t over the seeds).
+
+use crate::recursion::{load_state, RunState, METRICS_JSONL};
+use crate::report::{line_chart, Axes, Series};
+use crate::run_dir::{create_dir, write_atomic};
+use anyhow::{Context, Result};
+use serde_json::Value;
+use std::collections::BTreeMap;
+use std::fmt::Write as _;
+use std::path::{Path, PathBuf};
+
+/// Two-sided 95 % Student-t critical values for 1..=30 degrees of freedom (then ≈ 1.96).
+const T95: [f64; 30] = [
+    12.706, 4.303, 3.182, 2.776, 2.571, 2.447, 2.365, 2.306, 2.262, 2.228, 2.201, 2.179, 2.160, 2.145, 2.131,
+    2.120, 2.110, 2.101, 2.093, 2.086, 2.080, 2.074, 2.069, 2.064, 2.060, 2.056, 2.052, 2.048, 2.045, 2.042,
+];
+
+/// Mean and 95 % confidence half-width of `xs` (half-width 0 for a single value).
+pub fn mean_ci(xs: &[f64]) -> (f64, f64) {
+    let n = xs.len();
+    let mean = xs.iter().sum::<f64>() / n as f64;
+    if n < 2 {
+        return (mean, 0.0);
+    }
+    let var = xs.iter().map(|x| (x - mean) * (x - mean)).sum::<f64>() / (n - 1) as f64;
+    let t = T95.get(n - 2).copied().unwrap_or(1.96);
+    (mean, t * (var / n as f64).sqrt())
+}
+
+struct Run {
+    dir: PathBuf,
+    state: RunState,
+    rows: Vec<Value>,
+}
+
+fn load(dir: &Path) -> Result<Run> {
+    let state = load_state(dir)?;
+    let path = dir.join(METRICS_JSONL);
+    let text = std::fs::read_to_string(&path).with_context(|| format!("cannot read {}", path.display()))?;
+    let rows = text.lines().map(serde_json::from_str).collect::<std::result::Result<_, _>>()?;
+    Ok(Run { dir: dir.to_path_buf(), state, rows })
+}
+
+/// Dotted leaves of a run's settings, without the seed and the preset's name.
+fn settings(state: &RunState) -> BTreeMap<String, String> {
+    fn walk(prefix: &str, v: &Value, out: &mut BTreeMap<String, String>) {
+        match v {
+            Value::Object(m) => m.iter().for_each(|(k, c)| walk(&format!("{prefix}{k}."), c, out)),
+            Value::Number(n) if n.is_f64() => {
+                // Settings are f32 or f64; print the shortest form that reads back as the f32.
+                let x = n.as_f64().unwrap_or(f64::NAN);
+                out.insert(prefix.trim_end_matches('.').to_string(), format!("{}", x as f32));
+            }
+            leaf => {
+                out.insert(
+                    prefix.trim_end_matches('.').to_string(),
+                    leaf.to_string().trim_matches('"').to_string(),
+                );
+            }
+        }
+    }
+    let mut out = BTreeMap::new();
+    walk("", &serde_json::to_value(&state.config).unwrap_or(Value::Null), &mut out);
+    out.remove("seed");
+    out
+}
+
+/// Groups of runs (same settings but the seed), labelled by the settings that differ.
+fn groups(runs: &[Run]) -> Vec<(String, Vec<&Run>)> {
+    let all: Vec<BTreeMap<String, String>> = runs.iter().map(|r| settings(&r.state)).collect();
+    let differing: Vec<&String> =
+        all[0].keys().filter(|k| all.iter().any(|s| s.get(*k) != all[0].get(*k))).collect();
+    let mut groups: Vec<(String, Vec<&Run>)> = Vec::new();
+    for (run, s) in runs.iter().zip(&all) {
+        let label = differing
+            .iter()
+            .map(|k| {
+                format!(
+                    "{}={}",
+                    k.rsplit('.').next().unwrap_or(k),
+                    s.get(*k).map(String::as_str).unwrap_or("?")
+                )
+            })
+            .collect::<Vec<_>>()
+            .join(", ");
+        let label = if label.is_empty() { "all runs".to_string() } else { label };
+        match groups.iter_mut().find(|(l, _)| *l == label) {
+            Some((_, members)) => members.push(run),
+            None => groups.push((label, vec![run])),
+        }
+    }
+    groups
+}
+
+/// Per generation: mean and CI of `key` over a group's runs.
+fn aggregate(members: &[&Run], key: &str) -> Vec<(f64, f64, f64)> {
+    let mut by_gen: BTreeMap<u64, Vec<f64>> = BTreeMap::new();
+    for run in members {
+        for row in &run.rows {
+            if let (Some(g), Some(v)) = (row["generation"].as_u64(), row[key].as_f64()) {
+                by_gen.entry(g).or_default().push(v);
+            }
+        }
+    }
+    by_gen
+        .into_iter()
+        .map(|(g, xs)| {
+            let (m, ci) = mean_ci(&xs);
+            (g as f64, m, ci)
+        })
+        .collect()
+}
+
+const METRICS: [(&str, bool); 8] = [
+    ("test_ppl", true),
+    ("test_word_ppl", true),
+    ("test_ppl_rare", true),
+    ("ttr_at_n", false),
+    ("distinct_2", false),
+    ("rare_ngram_recall_1", false),
+    ("rare_ngram_recall_3", false),
+    ("gen0_seq_ppl_p50", true),
+];
+
+/// Writes `plots/compare_*.svg` and `compare.html` into `out` for the runs in `dirs`.
+pub fn compare(dirs: &[PathBuf], out: &Path) -> Result<()> {
+    let runs: Vec<Run> = dirs.iter().map(|d| load(d)).collect::<Result<_>>()?;
+    let groups = groups(&runs);
+    create_dir(&out.join("plots"))?;
+    let mut html = String::from(
+        "<!DOCTYPE html>\n<html lang=\"en\"><head><meta charset=\"utf-8\"><title>collapse-lab: comparison</title>\n<style>\
+         body{font-family:sans-serif;max-width:1100px;margin:2em auto;padding:0 1em}table{border-collapse:collapse;font-size:13px}\
+         td,th{border:1px solid #ccc;padding:3px 6px;text-align:right}th{background:#f2f2f2}</style></head><body>\n\
+         <h1>Comparison of runs</h1>\n<ul>\n",
+    );
+    for (label, members) in &groups {
+        let names: Vec<String> = members.iter().map(|r| r.dir.display().to_string()).collect();
+        writeln!(
+            html,
+            "<li><b>{}</b>: {} run(s): {}</li>",
+            esc(label),
+            members.len(),
+            esc(&names.join(", "))
+        )?;
+    }
+    html.push_str("</ul>\n<p>Curves are means over the runs of a group; shaded bands are 95 % confidence intervals (Student's t over seeds).</p>\n");
+    for (key, log_y) in METRICS {
+        let series: Vec<Series> = groups
+            .iter()
+            .map(|(label, members)| {
+                let agg = aggregate(members, key);
+                Series {
+                    label: format!("{label} (n={})", members.len()),
+                    points: agg.iter().map(|&(g, m, _)| (g, m)).collect(),
+                    dashed: false,
+                    band: (members.len() > 1)
+                        .then(|| agg.iter().map(|&(g, m, ci)| (g, m - ci, m + ci)).collect()),
+                }
+            })
+            .collect();
+        let title = format!("{key} per generation");
+        let axes = Axes { title: &title, x: "generation", y: key, log_x: false, log_y };
+        let svg = line_chart(&axes, &series)?;
+        write_atomic(&out.join("plots").join(format!("compare_{key}.svg")), svg.as_bytes())?;
+        writeln!(html, "<figure id=\"{key}\">{}</figure>", crate::report::inline_svg(&svg))?;
+        // The table under each plot: mean ± CI per group and generation.
+        html.push_str("<table><tr><th>group</th>");
+        let gens =
+            groups.iter().flat_map(|(_, m)| aggregate(m, key)).map(|(g, _, _)| g as u64).max().unwrap_or(0);
+        for g in 0..=gens {
+            write!(html, "<th>gen {g}</th>")?;
+        }
+        html.push_str("</tr>\n");
+        for (label, members) in &groups {
+            write!(html, "<tr><td>{}</td>", esc(label))?;
+            for (_, m, ci) in aggregate(members, key) {
+                write!(html, "<td>{m:.4} ± {ci:.4}</td>")?;
+            }
+            html.push_str("</tr>\n");
+        }
+        html.push_str("</table>\n");
+    }
+    html.push_str("</body></html>\n");
+    write_atomic(&out.join("compare.html"), html.as_bytes())
+}
+
+fn esc(s: &str) -> String {
+    s.replace('&', "&amp;").replace('<', "&lt;").replace('>', "&gt;")
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn confidence_interval_uses_student_t() {
+        // xs = 1, 2, 3: mean 2, sd 1, half-width = t(2 df) · 1/√3 = 4.303 / 1.732 = 2.484
+        let (m, ci) = mean_ci(&[1.0, 2.0, 3.0]);
+        assert_eq!(m, 2.0);
+        assert!((ci - 4.303 / 3f64.sqrt()).abs() < 1e-12);
+        assert_eq!(mean_ci(&[5.0]), (5.0, 0.0));
+    }
+}
