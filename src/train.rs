@@ -253,12 +253,19 @@ pub fn train(
         let (loss_value, norm) = engine.step(model, &x, &y, drop, lr, cfg)?;
         if !loss_value.is_finite() || !norm.is_finite() {
             bar.abandon();
+            let kept = if best_step > 0 {
+                format!(
+                    "the best checkpoint so far (step {best_step}) is kept in {}",
+                    target.checkpoint.display()
+                )
+            } else {
+                "no checkpoint had been written yet".to_string()
+            };
             bail!(
-                "{}: training diverged at step {} (loss {loss_value}, gradient norm {norm}); \
-                 the last good checkpoint is kept in {} (try a lower train.lr)",
+                "{}: training diverged at step {} (loss {loss_value}, gradient norm {norm}); {kept} \
+                 (try a lower train.lr)",
                 target.label,
                 step + 1,
-                target.checkpoint.display()
             );
         }
         last_loss = loss_value;

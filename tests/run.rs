@@ -382,3 +382,29 @@ fn sweep_runs_the_grid_and_compares_with_confidence_bands() {
     ]);
     assert!(o.status.success() && String::from_utf8_lossy(&o.stdout).matches("is complete").count() == 4);
 }
+
+#[test]
+fn divergence_stops_the_run_naming_generation_and_step() {
+    let tmp = tempfile::tempdir().unwrap();
+    let out = tmp.path().join("div");
+    let o = run(&[
+        "run",
+        "--preset",
+        "smoke",
+        "--quiet",
+        "--set",
+        "train.lr=1e9",
+        "--set",
+        "train.min_lr=0",
+        "--set",
+        "train.grad_clip=0",
+        "--out",
+        out.to_str().unwrap(),
+    ]);
+    let err = stderr(&o);
+    assert_eq!(o.status.code(), Some(1), "{err}");
+    assert!(err.contains("gen 0: training diverged at step"), "{err}");
+    assert_eq!(err.trim_end().lines().count(), 1, "{err}");
+    // What was written so far is kept: the run can be inspected and resumed with other settings later.
+    assert!(out.join("run.json").is_file() && out.join("tokenizer.json").is_file());
+}
