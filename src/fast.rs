@@ -473,25 +473,16 @@ fn cached_attention(
                 let q = qkv.as_ptr().add(r * t * 3 * c + hi * hs);
                 let k = kc.as_ptr().add(rh * ctx * hs);
                 let v = vc.as_ptr().add(rh * ctx * hs);
-                gemm::gemm(
+                matmul(
                     t,
                     len,
                     hs,
                     att.as_mut_ptr(),
-                    1,
-                    len as isize,
+                    len,
                     false,
-                    q,
-                    1,
-                    (3 * c) as isize,
-                    k,
-                    hs as isize,
-                    1,
-                    0.0,
+                    row_major(q, 3 * c),
+                    transposed(k, hs),
                     scale,
-                    false,
-                    false,
-                    false,
                     Parallelism::None,
                 );
                 for i in 0..t {
@@ -506,25 +497,16 @@ fn cached_attention(
                     row[visible..].iter_mut().for_each(|x| *x = 0.0);
                 }
                 let o = out_p.ptr().add(r * t * c + hi * hs);
-                gemm::gemm(
+                matmul(
                     t,
                     hs,
                     len,
                     o,
-                    1,
-                    c as isize,
+                    c,
                     false,
-                    att.as_ptr(),
-                    1,
-                    len as isize,
-                    v,
-                    1,
-                    hs as isize,
-                    0.0,
+                    row_major(att.as_ptr(), len),
+                    row_major(v, hs),
                     1.0,
-                    false,
-                    false,
-                    false,
                     Parallelism::None,
                 );
             }
@@ -685,6 +667,68 @@ fn backward(cfg: &ModelConfig, w: &Weights, g: &mut Weights, a: &mut Acts, input
     }
 }
 
+/// A strided matrix operand: element (i, j) is at `ptr + i·row + j·col`.
+#[derive(Clone, Copy)]
+struct Mat {
+    ptr: *const f32,
+    row: usize,
+    col: usize,
+}
+
+/// A matrix stored row by row, rows `stride` floats apart.
+fn row_major(ptr: *const f32, stride: usize) -> Mat {
+    Mat { ptr, row: stride, col: 1 }
+}
+
+/// The transpose of a matrix stored row by row (rows `stride` floats apart).
+fn transposed(ptr: *const f32, stride: usize) -> Mat {
+    Mat { ptr, row: 1, col: stride }
+}
+
+/// dst (m × n, rows `dst_row` floats apart) = [dst +] scale · lhs (m × k) · rhs (k × n), on the `gemm`
+/// crate's kernels.
+///
+/// # Safety
+/// The operands must describe memory valid for the given shapes and strides, and `dst` must not
+/// alias them.
+#[allow(clippy::too_many_arguments)]
+unsafe fn matmul(
+    m: usize,
+    n: usize,
+    k: usize,
+    dst: *mut f32,
+    dst_row: usize,
+    accumulate: bool,
+    lhs: Mat,
+    rhs: Mat,
+    scale: f32,
+    parallelism: Parallelism,
+) {
+    let alpha = if accumulate { 1.0 } else { 0.0 };
+    let (lc, lr, rc, rr) = (lhs.col as isize, lhs.row as isize, rhs.col as isize, rhs.row as isize);
+    gemm::gemm(
+        m,
+        n,
+        k,
+        dst,
+        1,
+        dst_row as isize,
+        accumulate,
+        lhs.ptr,
+        lc,
+        lr,
+        rhs.ptr,
+        rc,
+        rr,
+        alpha,
+        scale,
+        false,
+        false,
+        false,
+        parallelism,
+    );
+}
+
 fn threads() -> Parallelism {
     match rayon::current_num_threads() {
         0 | 1 => Parallelism::None,
@@ -705,25 +749,16 @@ fn matmul_forward(
     // SAFETY: the slices hold n_rows·oc, n_rows·ic and oc·ic elements laid out row-major, which is
     // what the strides below describe; `out` does not alias the inputs.
     unsafe {
-        gemm::gemm(
+        matmul(
             n_rows,
             oc,
             ic,
             out.as_mut_ptr(),
-            1,
-            oc as isize,
+            oc,
             false,
-            inp.as_ptr(),
-            1,
-            ic as isize,
-            w.as_ptr(),
-            ic as isize,
-            1,
-            0.0,
+            row_major(inp.as_ptr(), ic),
+            transposed(w.as_ptr(), ic),
             1.0,
-            false,
-            false,
-            false,
             threads(),
         );
     }
@@ -751,46 +786,28 @@ fn matmul_backward(
 ) {
     // SAFETY: as in matmul_forward; each destination is a separate buffer of the stated size.
     unsafe {
-        gemm::gemm(
+        matmul(
             n_rows,
             ic,
             oc,
             dinp.as_mut_ptr(),
-            1,
-            ic as isize,
+            ic,
             false,
-            dout.as_ptr(),
-            1,
-            oc as isize,
-            w.as_ptr(),
-            1,
-            ic as isize,
-            0.0,
+            row_major(dout.as_ptr(), oc),
+            row_major(w.as_ptr(), ic),
             1.0,
-            false,
-            false,
-            false,
             threads(),
         );
-        gemm::gemm(
+        matmul(
             oc,
             ic,
             n_rows,
             dw.as_mut_ptr(),
-            1,
-            ic as isize,
+            ic,
             true,
-            dout.as_ptr(),
-            oc as isize,
-            1,
-            inp.as_ptr(),
-            1,
-            ic as isize,
+            transposed(dout.as_ptr(), oc),
+            row_major(inp.as_ptr(), ic),
             1.0,
-            1.0,
-            false,
-            false,
-            false,
             threads(),
         );
     }
@@ -1007,25 +1024,16 @@ fn attention_forward(out: &mut [f32], att: &mut [f32], qkv: &[f32], b: usize, t:
         unsafe {
             let (q, k, v) = (base.add(hi * hs), base.add(c + hi * hs), base.add(2 * c + hi * hs));
             // preatt (T, T) = q · k^T · scale
-            gemm::gemm(
+            matmul(
                 t,
                 t,
                 hs,
                 a.as_mut_ptr(),
-                1,
-                t as isize,
+                t,
                 false,
-                q,
-                1,
-                (3 * c) as isize,
-                k,
-                (3 * c) as isize,
-                1,
-                0.0,
+                row_major(q, 3 * c),
+                transposed(k, 3 * c),
                 scale,
-                false,
-                false,
-                false,
                 Parallelism::None,
             );
             for t1 in 0..t {
@@ -1040,25 +1048,16 @@ fn attention_forward(out: &mut [f32], att: &mut [f32], qkv: &[f32], b: usize, t:
             }
             // out (T, hs) = att · v
             let o = out_p.ptr().add(bi * t * c + hi * hs);
-            gemm::gemm(
+            matmul(
                 t,
                 hs,
                 t,
                 o,
-                1,
-                c as isize,
+                c,
                 false,
-                a.as_ptr(),
-                1,
-                t as isize,
-                v,
-                1,
-                (3 * c) as isize,
-                0.0,
+                row_major(a.as_ptr(), t),
+                row_major(v, 3 * c),
                 1.0,
-                false,
-                false,
-                false,
                 Parallelism::None,
             );
         }
@@ -1095,47 +1094,29 @@ fn attention_backward(
             let db = dq_p.ptr().add(bi * t * 3 * c);
             let (dq, dk, dv) = (db.add(hi * hs), db.add(c + hi * hs), db.add(2 * c + hi * hs));
             // datt (T, T) = dout · v^T
-            gemm::gemm(
+            matmul(
                 t,
                 t,
                 hs,
                 da.as_mut_ptr(),
-                1,
-                t as isize,
+                t,
                 false,
-                d_o,
-                1,
-                c as isize,
-                v,
-                (3 * c) as isize,
-                1,
-                0.0,
+                row_major(d_o, c),
+                transposed(v, 3 * c),
                 1.0,
-                false,
-                false,
-                false,
                 Parallelism::None,
             );
             // dv (T, hs) = att^T · dout
-            gemm::gemm(
+            matmul(
                 t,
                 hs,
                 t,
                 dv,
-                1,
-                (3 * c) as isize,
+                3 * c,
                 false,
-                a.as_ptr(),
-                t as isize,
-                1,
-                d_o,
-                1,
-                c as isize,
-                0.0,
+                transposed(a.as_ptr(), t),
+                row_major(d_o, c),
                 1.0,
-                false,
-                false,
-                false,
                 Parallelism::None,
             );
             // Softmax backward, in place: dpre = att ⊙ (datt − Σ att·datt), zero above the diagonal.
@@ -1148,47 +1129,29 @@ fn attention_backward(
                 dr[t1 + 1..].iter_mut().for_each(|x| *x = 0.0);
             }
             // dq (T, hs) = dpre · k · scale
-            gemm::gemm(
+            matmul(
                 t,
                 hs,
                 t,
                 dq,
-                1,
-                (3 * c) as isize,
+                3 * c,
                 false,
-                da.as_ptr(),
-                1,
-                t as isize,
-                k,
-                1,
-                (3 * c) as isize,
-                0.0,
+                row_major(da.as_ptr(), t),
+                row_major(k, 3 * c),
                 scale,
-                false,
-                false,
-                false,
                 Parallelism::None,
             );
             // dk (T, hs) = dpre^T · q · scale
-            gemm::gemm(
+            matmul(
                 t,
                 hs,
                 t,
                 dk,
-                1,
-                (3 * c) as isize,
+                3 * c,
                 false,
-                da.as_ptr(),
-                t as isize,
-                1,
-                q,
-                1,
-                (3 * c) as isize,
-                0.0,
+                transposed(da.as_ptr(), t),
+                row_major(q, 3 * c),
                 scale,
-                false,
-                false,
-                false,
                 Parallelism::None,
             );
         }
