@@ -64,6 +64,7 @@ impl ModelConfig {
 }
 
 /// LayerNorm with weight and bias. Uses candle's fused kernel only when no gradient is needed.
+#[derive(Clone)]
 struct LayerNorm {
     weight: Tensor, // (C)
     bias: Tensor,   // (C)
@@ -86,6 +87,7 @@ impl LayerNorm {
 }
 
 /// A linear layer applied as one 2-D matmul over all rows (faster than a batched matmul on CPU).
+#[derive(Clone)]
 struct Linear {
     weight: Tensor, // (out, in)
     bias: Tensor,   // (out)
@@ -175,6 +177,7 @@ impl KvCache {
     }
 }
 
+#[derive(Clone)]
 struct CausalSelfAttention {
     c_attn: Linear, // C → 3C (q, k, v)
     c_proj: Linear, // C → C
@@ -235,6 +238,7 @@ fn residual_std(cfg: &ModelConfig) -> f64 {
     0.02 / (2.0 * cfg.n_layer as f64).sqrt()
 }
 
+#[derive(Clone)]
 struct Mlp {
     c_fc: Linear,   // C → 4C
     c_proj: Linear, // 4C → C
@@ -254,6 +258,7 @@ impl Mlp {
     }
 }
 
+#[derive(Clone)]
 struct Block {
     ln_1: LayerNorm,
     attn: CausalSelfAttention,
@@ -283,6 +288,7 @@ impl Block {
 }
 
 /// The whole model.
+#[derive(Clone)]
 pub struct Gpt {
     pub cfg: ModelConfig,
     wte: Tensor, // (V, C), also the LM head

@@ -344,7 +344,7 @@ pub fn continue_run(opts: &RunOptions) -> Result<()> {
         }
         let model = checkpoint::load_weights(&lab.mcfg, &dir.join(checkpoint::WEIGHTS), &opts.device)?;
         if g == 0 {
-            gen0 = Some(checkpoint::load_weights(&lab.mcfg, &dir.join(checkpoint::WEIGHTS), &opts.device)?);
+            gen0 = Some(model.clone()); // tensors are shared, not copied
         }
         let gen0 = gen0.as_ref().expect("generation 0 is loaded first");
         if !state.real_measured {

@@ -329,20 +329,9 @@ fn killed_and_resumed_runs_equal_an_uninterrupted_run() {
 fn sweep_runs_the_grid_and_compares_with_confidence_bands() {
     let tmp = tempfile::tempdir().unwrap();
     let out = tmp.path().join("sweep");
-    let o = run(&[
-        "sweep",
-        "--preset",
-        "smoke",
-        "--temperature",
-        "0.7,1.0",
-        "--seeds",
-        "2",
-        "--generations",
-        "2",
-        "--quiet",
-        "--out",
-        out.to_str().unwrap(),
-    ]);
+    let grid =
+        ["sweep", "--preset", "smoke", "--temperature", "0.7,1.0", "--seeds", "2", "--generations", "2"];
+    let o = run(&[&grid[..], &["--quiet", "--out", out.to_str().unwrap()]].concat());
     assert!(o.status.success(), "{}", stderr(&o));
     let runs: Vec<_> = std::fs::read_dir(&out)
         .unwrap()
@@ -367,19 +356,7 @@ fn sweep_runs_the_grid_and_compares_with_confidence_bands() {
     let svg = std::fs::read_to_string(cmp.join("plots/compare_test_ppl.svg")).unwrap();
     assert!(svg.contains("temperature=0.7 (n=1)") && svg.contains("temperature=1 (n=1)"));
     // Resuming the sweep keeps the finished runs.
-    let o = run(&[
-        "sweep",
-        "--preset",
-        "smoke",
-        "--temperature",
-        "0.7,1.0",
-        "--seeds",
-        "2",
-        "--generations",
-        "2",
-        "--out",
-        out.to_str().unwrap(),
-    ]);
+    let o = run(&[&grid[..], &["--out", out.to_str().unwrap()]].concat());
     assert!(o.status.success() && String::from_utf8_lossy(&o.stdout).matches("is complete").count() == 4);
 }
 
