@@ -246,7 +246,9 @@ impl Config {
                     patience: 4,
                     ..base
                 },
-                sample,
+                // A GPU samples many prompts at once; each prompt has its own RNG stream, so the
+                // batch changes no text.
+                sample: SampleConfig { batch_size: 512, ..sample },
                 recursion: RecursionConfig { generations: 10, ..recursion },
             },
             other => {

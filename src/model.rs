@@ -117,7 +117,10 @@ fn softmax_last(x: &Tensor) -> Result<Tensor> {
     }
 }
 
-/// Inverted dropout driven by a seeded RNG (candle's own CPU RNG cannot be seeded).
+/// Inverted dropout. On the CPU the mask comes from `rng`, a seeded ChaCha stream (candle's own CPU
+/// RNG cannot be seeded). On a GPU it is drawn on the device by its own generator (curand), which
+/// training seeds from the run's seed ([`seed_device`]): no mask crosses the bus, and a run is
+/// reproducible on the same device, though its masks differ from the CPU's.
 pub struct Dropout<'a> {
     pub p: f64,
     pub rng: &'a mut ChaCha8Rng,
@@ -130,10 +133,26 @@ impl Dropout<'_> {
         }
         let keep = (1.0 - self.p) as f32;
         let scale = 1.0 / keep;
-        let mask: Vec<f32> =
-            (0..x.elem_count()).map(|_| if self.rng.random::<f32>() < keep { scale } else { 0.0 }).collect();
-        let mask = Tensor::from_vec(mask, x.shape(), x.device())?;
+        let mask = if x.device().is_cpu() {
+            let mask: Vec<f32> = (0..x.elem_count())
+                .map(|_| if self.rng.random::<f32>() < keep { scale } else { 0.0 })
+                .collect();
+            Tensor::from_vec(mask, x.shape(), x.device())?
+        } else {
+            let u = Tensor::rand(0f32, 1f32, x.shape(), x.device())?; // U[0, 1)
+            (u.lt(keep)?.to_dtype(DType::F32)? * scale as f64)?
+        };
         x.mul(&mask)
+    }
+}
+
+/// Seeds the generator of an accelerator (dropout masks are drawn there); the CPU needs nothing,
+/// its masks come from the ChaCha stream handed to [`Dropout`].
+pub fn seed_device(dev: &Device, seed: u64) -> Result<()> {
+    if dev.is_cpu() {
+        Ok(())
+    } else {
+        dev.set_seed(seed)
     }
 }
 
@@ -195,7 +214,13 @@ impl CausalSelfAttention {
     }
 
     /// x: (B, T, C) at positions pos0..pos0+T; `cache` holds positions 0..pos0 when given.
-    fn forward(&self, x: &Tensor, cache: Option<&mut Option<(Tensor, Tensor)>>) -> Result<Tensor> {
+    /// `mask` is the model's (ctx, ctx) causal mask.
+    fn forward(
+        &self,
+        x: &Tensor,
+        cache: Option<&mut Option<(Tensor, Tensor)>>,
+        mask: &Tensor,
+    ) -> Result<Tensor> {
         let (b, t, c) = x.dims3()?;
         let (h, hs) = (self.n_head, c / self.n_head);
         let qkv = self.c_attn.forward(x)?; // (B, T, 3C)
@@ -213,7 +238,8 @@ impl CausalSelfAttention {
         let t_all = k.dim(2)?;
         let att = (q.matmul(&k.t()?)? * (1.0 / (hs as f64).sqrt()))?; // (B, H, T, T_all)
         let att = if t > 1 {
-            att.broadcast_add(&causal_mask(t, t_all, x.device())?)?
+            // Rows T_all − T.. of the mask: the absolute positions of the T queries.
+            att.broadcast_add(&mask.narrow(0, t_all - t, t)?.narrow(1, 0, t_all)?)?
         } else {
             att // a single new query may attend to every earlier position
         };
@@ -224,13 +250,12 @@ impl CausalSelfAttention {
     }
 }
 
-/// (T, T_all) additive mask: query i (at absolute position T_all − T + i) sees keys ≤ its position.
-fn causal_mask(t: usize, t_all: usize, dev: &Device) -> Result<Tensor> {
-    let offset = t_all - t;
-    let mask: Vec<f32> = (0..t)
-        .flat_map(|i| (0..t_all).map(move |j| if j <= i + offset { 0.0 } else { f32::NEG_INFINITY }))
-        .collect();
-    Tensor::from_vec(mask, (t, t_all), dev)
+/// (ctx, ctx) additive mask: the query at position i sees keys j ≤ i. Built once per model, on its
+/// device (a GPU would otherwise wait for a host copy in every layer).
+fn causal_mask(ctx: usize, dev: &Device) -> Result<Tensor> {
+    let mask: Vec<f32> =
+        (0..ctx).flat_map(|i| (0..ctx).map(move |j| if j <= i { 0.0 } else { f32::NEG_INFINITY })).collect();
+    Tensor::from_vec(mask, (ctx, ctx), dev)
 }
 
 /// GPT-2's scaled init for projections that write into the residual stream.
@@ -280,9 +305,10 @@ impl Block {
         &self,
         x: &Tensor,
         cache: Option<&mut Option<(Tensor, Tensor)>>,
+        mask: &Tensor,
         drop: &mut Option<Dropout>,
     ) -> Result<Tensor> {
-        let x = (x + dropout(self.attn.forward(&self.ln_1.forward(x)?, cache)?, drop)?)?;
+        let x = (x + dropout(self.attn.forward(&self.ln_1.forward(x)?, cache, mask)?, drop)?)?;
         &x + dropout(self.mlp.forward(&self.ln_2.forward(&x)?)?, drop)?
     }
 }
@@ -295,6 +321,7 @@ pub struct Gpt {
     wpe: Tensor, // (ctx, C)
     blocks: Vec<Block>,
     ln_f: LayerNorm,
+    mask: Tensor, // (ctx, ctx) causal, additive
 }
 
 impl Gpt {
@@ -306,7 +333,8 @@ impl Gpt {
         let blocks =
             (0..cfg.n_layer).map(|i| Block::new(cfg, vb.pp(format!("h.{i}")))).collect::<Result<Vec<_>>>()?;
         let ln_f = LayerNorm::new(cfg.d_model, vb.pp("ln_f"))?;
-        Ok(Self { cfg: cfg.clone(), wte, wpe, blocks, ln_f })
+        let mask = causal_mask(cfg.ctx, vb.device())?;
+        Ok(Self { cfg: cfg.clone(), wte, wpe, blocks, ln_f, mask })
     }
 
     /// The same weights, detached from autograd: what sampling and evaluation use.
@@ -332,6 +360,7 @@ impl Gpt {
                 })
                 .collect(),
             ln_f: ln(&self.ln_f),
+            mask: self.mask.clone(),
         }
     }
 
@@ -394,7 +423,7 @@ impl Gpt {
         let mut x = dropout(tok.broadcast_add(&pos)?, drop)?; // (B, T, C)
         for (i, block) in self.blocks.iter().enumerate() {
             let slot = cache.as_deref_mut().map(|c| &mut c.layers[i]);
-            x = block.forward(&x, slot, drop)?;
+            x = block.forward(&x, slot, &self.mask, drop)?;
         }
         self.ln_f.forward(&x)
     }

@@ -11,6 +11,7 @@ use anyhow::{bail, Result};
 use candle_core::{Device, Tensor};
 use rand::SeedableRng;
 use rand_chacha::ChaCha8Rng;
+use rayon::prelude::*;
 use serde::{Deserialize, Serialize};
 
 /// How a generation's text is produced.
@@ -135,18 +136,30 @@ fn sample_generate(
     settings: &SamplerSettings,
     seeds: &[u64],
 ) -> Result<Vec<Vec<u32>>> {
-    let mut sampler = Sampler::new(*settings).map_err(anyhow::Error::msg)?;
+    let sampler = Sampler::new(*settings).map_err(anyhow::Error::msg)?;
     let mut rngs: Vec<ChaCha8Rng> = seeds.iter().map(|&s| ChaCha8Rng::seed_from_u64(s)).collect();
     // Context of each row (prompt + generated so far), for the repetition penalty.
     let mut context: Vec<Vec<u32>> = prompts.iter().map(|p| p.to_vec()).collect();
     let mut logits = dec.forward(prompts)?; // (B, V)
     let mut out: Vec<Vec<u32>> = vec![Vec::with_capacity(new_tokens); prompts.len()];
     for step in 0..new_tokens {
+        // Rows are independent (each has its own RNG stream), so they are chosen in parallel.
+        let chosen: Vec<u32> = logits
+            .par_chunks_mut(vocab)
+            .zip(context.par_iter_mut())
+            .zip(rngs.par_iter_mut())
+            .map_init(
+                || sampler.clone(),
+                |s, ((row, ctx), rng)| {
+                    let tok = s.choose(row, ctx, rng);
+                    ctx.push(tok);
+                    tok
+                },
+            )
+            .collect();
         let mut next = Vec::with_capacity(prompts.len());
-        for (i, row) in logits.chunks_mut(vocab).enumerate() {
-            let tok = sampler.choose(row, &context[i], &mut rngs[i]);
-            context[i].push(tok);
-            out[i].push(tok);
+        for (o, &tok) in out.iter_mut().zip(&chosen) {
+            o.push(tok);
             next.push([tok]);
         }
         if step + 1 < new_tokens {

@@ -113,13 +113,17 @@ impl AdamW {
 
     /// Global L2 norm of all gradients.
     pub fn grad_norm(&self, grads: &GradStore) -> candle_core::Result<f64> {
-        let mut sq = 0f64;
+        // One read-back for all parameters (on a GPU each read is a synchronisation).
+        let mut sums = Vec::with_capacity(self.params.len());
         for (var, ..) in &self.params {
             if let Some(g) = grads.get(var.as_tensor()) {
-                sq += g.sqr()?.sum_all()?.to_scalar::<f32>()? as f64;
+                sums.push(g.sqr()?.sum_all()?.to_dtype(candle_core::DType::F64)?);
             }
         }
-        Ok(sq.sqrt())
+        if sums.is_empty() {
+            return Ok(0.0);
+        }
+        Ok(Tensor::stack(&sums, 0)?.sum_all()?.to_scalar::<f64>()?.sqrt())
     }
 
     /// One update with learning rate `lr`, gradients multiplied by `grad_scale` (clipping).
@@ -238,6 +242,7 @@ pub fn train(
     let total = planned_steps(cfg, ctx, train.len());
     let mut batcher = Batcher::new(train, ctx, cfg.batch_size, seed)?;
     let mut dropout_rng = ChaCha8Rng::seed_from_u64(seed ^ 0x000d_20b0_u64);
+    model::seed_device(dev, seed ^ 0x000d_20b0_u64)?;
     let mut engine = Engine::new(model, varmap, cfg, dev)?;
     let bar = progress_bar(total as u64, target.quiet, &target.label);
     let started = Instant::now();

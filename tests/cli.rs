@@ -194,3 +194,31 @@ fn prepare_is_deterministic() {
     }
     assert_eq!(std::fs::read(&a).unwrap(), std::fs::read(&b).unwrap());
 }
+
+#[test]
+fn device_flag_errors_name_the_flag() {
+    let tmp = tempfile::tempdir().unwrap();
+    let out = tmp.path().join("o");
+    let o_ = out.to_str().unwrap();
+    let o = run(&["train", "--preset", "smoke", "--device", "tpu", "--out", o_]);
+    assert_clean_error(&o, "--device tpu: expected cpu, cuda, cuda:N or auto");
+    assert_eq!(o.status.code(), Some(2), "a usage error");
+    let o = run(&["bench", "--config", "B", "--device", "cuda:x"]);
+    assert_clean_error(&o, "--device cuda:x");
+    // A build without the cuda feature says how to get one.
+    if !cfg!(feature = "cuda") {
+        for args in [
+            &["train", "--preset", "smoke", "--device", "cuda", "--out", o_][..],
+            &["run", "--preset", "smoke", "--device", "cuda:1", "--out", o_][..],
+            &["bench", "--config", "B", "--device", "cuda"][..],
+        ] {
+            let o = run(args);
+            assert_clean_error(
+                &o,
+                "this build has no CUDA support (rebuild with `cargo build --release --features cuda`)",
+            );
+            assert_eq!(o.status.code(), Some(2));
+        }
+    }
+    assert!(!out.exists(), "nothing written on a device error");
+}

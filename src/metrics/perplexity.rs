@@ -78,6 +78,16 @@ pub fn sequence_nlls(model: &Gpt, seqs: &[&[u32]], batch: usize, dev: &Device) -
     Ok(out)
 }
 
+/// Sequences scored at once: `cpu` on the CPU (cache-sized), 8× more on a GPU, which needs wide
+/// batches to be busy. Each sequence is scored on its own, so the batch changes no value.
+fn scoring_batch(dev: &Device, cpu: usize) -> usize {
+    if dev.is_cpu() {
+        cpu
+    } else {
+        8 * cpu
+    }
+}
+
 /// Perplexity of a token stream cut into non-overlapping blocks of `block` predicted tokens, each
 /// scored on its own (Shumailov's evaluation). `max_blocks` > 0 scores an evenly spaced subset.
 pub fn stream_nats(
@@ -95,7 +105,7 @@ pub fn stream_nats(
         blocks
     };
     let mut total = Nats::default();
-    for row in sequence_nlls(model, &blocks, 32, dev)? {
+    for row in sequence_nlls(model, &blocks, scoring_batch(dev, 32), dev)? {
         total.add(row.iter().map(|&x| x as f64).sum(), row.len() as u64);
     }
     Ok(total)
@@ -174,7 +184,7 @@ pub struct SplitPerplexity {
 pub fn split_perplexity(model: &Gpt, set: &EvalSet, block: usize, dev: &Device) -> Result<SplitPerplexity> {
     let blocks = eval_blocks(&set.stream, block);
     let (mut all, mut rare, mut common) = (Nats::default(), Nats::default(), Nats::default());
-    for (b, row) in sequence_nlls(model, &blocks, 32, dev)?.into_iter().enumerate() {
+    for (b, row) in sequence_nlls(model, &blocks, scoring_batch(dev, 32), dev)?.into_iter().enumerate() {
         for (j, nll) in row.into_iter().enumerate() {
             let nll = nll as f64;
             all.add(nll, 1);
@@ -200,7 +210,7 @@ pub fn split_perplexity(model: &Gpt, set: &EvalSet, block: usize, dev: &Device) 
 pub fn sequence_ppls(model: &Gpt, seqs: &[&[u32]], eot: u32, dev: &Device) -> Result<Vec<f64>> {
     let with_bos: Vec<Vec<u32>> = seqs.iter().map(|s| [&[eot], *s].concat()).collect();
     let refs: Vec<&[u32]> = with_bos.iter().map(Vec::as_slice).collect();
-    Ok(sequence_nlls(model, &refs, 64, dev)?
+    Ok(sequence_nlls(model, &refs, scoring_batch(dev, 64), dev)?
         .into_iter()
         .map(|row| (row.iter().map(|&x| x as f64).sum::<f64>() / row.len().max(1) as f64).exp())
         .collect())
