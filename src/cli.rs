@@ -90,7 +90,7 @@ pub struct PrepareArgs {
 
 #[derive(Debug, Args)]
 pub struct TrainArgs {
-    /// Named configuration: smoke, cpu, cpu-large or paper
+    /// Named configuration: smoke, lab, cpu, cpu-large or paper
     #[arg(long, default_value = "cpu")]
     pub preset: String,
     /// A TOML or JSON file of differences from the preset
@@ -143,7 +143,7 @@ pub struct BaselineArgs {
 
 #[derive(Debug, Args)]
 pub struct RunArgs {
-    /// Named configuration: smoke, cpu, cpu-large or paper
+    /// Named configuration: smoke, lab, cpu, cpu-large or paper
     #[arg(long, default_value = "cpu")]
     pub preset: String,
     /// A TOML or JSON file of differences from the preset
@@ -320,7 +320,7 @@ pub struct MetricsArgs {
 
 #[derive(Debug, Args)]
 pub struct BenchArgs {
-    /// A, B (the shapes of torch_gpt.py) or a preset name (smoke, cpu, cpu-large, paper)
+    /// A, B (the shapes of torch_gpt.py) or a preset name (smoke, lab, cpu, cpu-large, paper)
     #[arg(long, default_value = "A")]
     pub config: String,
     #[arg(long, value_enum, default_value = "train")]

@@ -113,16 +113,38 @@ fn aggregate(members: &[&Run], key: &str) -> Vec<(f64, f64, f64)> {
         .collect()
 }
 
-const METRICS: [(&str, bool); 8] = [
+/// The metrics compared, and whether their axis is logarithmic.
+const METRICS: [(&str, bool); 15] = [
     ("test_ppl", true),
     ("test_word_ppl", true),
     ("test_ppl_rare", true),
     ("ttr_at_n", false),
+    ("distinct_1", false),
     ("distinct_2", false),
+    ("unigram_entropy", false),
     ("rare_ngram_recall_1", false),
     ("rare_ngram_recall_3", false),
+    ("common_ngram_recall_1", false),
+    ("novel_trigram_rate", false),
+    ("gen0_seq_ppl_p5", true),
     ("gen0_seq_ppl_p50", true),
+    ("gen0_seq_ppl_p95", true),
+    ("zipf_alpha", false),
 ];
+
+/// Four significant figures or so, without exponents (1468.0, 160.8, 12.34, 0.1120); the
+/// half-width `ci`, when given, with as many decimals as the mean.
+fn short(x: f64, ci: Option<f64>) -> String {
+    let decimals = match x.abs() {
+        a if a >= 100.0 => 1,
+        a if a >= 10.0 => 2,
+        _ => 4,
+    };
+    match ci {
+        Some(ci) => format!("{x:.decimals$} ± {ci:.decimals$}"),
+        None => format!("{x:.decimals$}"),
+    }
+}
 
 /// Writes `plots/compare_*.svg` and `compare.html` into `out` for the runs in `dirs`.
 pub fn compare(dirs: &[PathBuf], out: &Path) -> Result<()> {
@@ -145,6 +167,11 @@ pub fn compare(dirs: &[PathBuf], out: &Path) -> Result<()> {
             esc(&names.join(", "))
         )?;
     }
+    let mut md = String::from("# Comparison of runs\n\n");
+    for (label, members) in &groups {
+        writeln!(md, "- **{label}**: {} run(s)", members.len())?;
+    }
+    md.push_str("\nMean ± 95 % confidence half-width over seeds (Student's t) per generation.\n");
     html.push_str("</ul>\n<p>Curves are means over the runs of a group; shaded bands are 95 % confidence intervals (Student's t over seeds).</p>\n");
     for (key, log_y) in METRICS {
         let series: Vec<Series> = groups
@@ -167,22 +194,29 @@ pub fn compare(dirs: &[PathBuf], out: &Path) -> Result<()> {
         writeln!(html, "<figure id=\"{key}\">{}</figure>", crate::report::inline_svg(&svg))?;
         // The table under each plot: mean ± CI per group and generation.
         html.push_str("<table><tr><th>group</th>");
+        write!(md, "\n### {key}\n\n| group |")?;
         let gens =
             groups.iter().flat_map(|(_, m)| aggregate(m, key)).map(|(g, _, _)| g as u64).max().unwrap_or(0);
         for g in 0..=gens {
             write!(html, "<th>gen {g}</th>")?;
+            write!(md, " gen {g} |")?;
         }
         html.push_str("</tr>\n");
+        writeln!(md, "\n| --- |{}", " --- |".repeat(gens as usize + 1))?;
         for (label, members) in &groups {
             write!(html, "<tr><td>{}</td>", esc(label))?;
+            write!(md, "| {label} |")?;
             for (_, m, ci) in aggregate(members, key) {
                 write!(html, "<td>{m:.4} ± {ci:.4}</td>")?;
+                write!(md, " {} |", short(m, (members.len() > 1).then_some(ci)))?;
             }
             html.push_str("</tr>\n");
+            md.push('\n');
         }
         html.push_str("</table>\n");
     }
     html.push_str("</body></html>\n");
+    write_atomic(&out.join("compare.md"), md.as_bytes())?;
     write_atomic(&out.join("compare.html"), html.as_bytes())
 }
 

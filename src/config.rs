@@ -148,7 +148,7 @@ pub struct Config {
 }
 
 /// The presets, smallest first.
-pub const PRESETS: [&str; 4] = ["smoke", "cpu", "cpu-large", "paper"];
+pub const PRESETS: [&str; 5] = ["smoke", "lab", "cpu", "cpu-large", "paper"];
 
 impl Config {
     /// A named preset.
@@ -208,6 +208,17 @@ impl Config {
                 },
                 sample: SampleConfig { batch_size: 128, ..sample },
                 recursion: RecursionConfig { generations: 3, ..recursion },
+            },
+            // The experiment scripts' preset: a generation in well under a minute on 2 cores, so that
+            // grids of seeds × regimes × 10 generations fit in hours (EXPERIMENTS.md).
+            "lab" => Config {
+                preset: name.into(),
+                seed: 0,
+                data: DataConfig { train_lines: 1500, eval_lines: 0, block_size: 64 },
+                model: small(2048, 96, 2, 4),
+                train: TrainConfig { epochs: 3.0, ..base.clone() },
+                sample,
+                recursion,
             },
             // Minutes on 2 cores: a fifth of the train split, a 1 M-parameter model.
             "cpu" => Config {

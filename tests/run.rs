@@ -345,6 +345,20 @@ fn sweep_runs_the_grid_and_compares_with_confidence_bands() {
         "labelled by what differs"
     );
     assert!(!html.contains("http"));
+    // compare.md: per group and generation, the mean over the seeds ± the 95 % half-width.
+    let md = std::fs::read_to_string(out.join("compare/compare.md")).unwrap();
+    let gen0 =
+        |seed: u32| rows(&out.join(format!("t0.7-p1-replace-seed{seed}")))[1]["test_ppl"].as_f64().unwrap();
+    let (x0, x1) = (gen0(0), gen0(1));
+    // Two seeds: sd = |x0 − x1| / √2, half-width = t(1 df) · sd / √2 = 12.706 · |x0 − x1| / 2.
+    let half = 12.706 * (x0 - x1).abs() / 2.0;
+    let mean = (x0 + x1) / 2.0;
+    let cell = match mean {
+        m if m >= 100.0 => format!("| temperature=0.7 | {m:.1} ± {half:.1} |"),
+        m if m >= 10.0 => format!("| temperature=0.7 | {m:.2} ± {half:.2} |"),
+        m => format!("| temperature=0.7 | {m:.4} ± {half:.4} |"),
+    };
+    assert!(md.contains("### test_ppl") && md.contains(&cell), "expected {cell:?} in\n{md}");
     let svg = std::fs::read_to_string(out.join("compare/plots/compare_test_ppl.svg")).unwrap();
     let doc = roxmltree::Document::parse(&svg).unwrap();
     assert_eq!(doc.descendants().filter(|n| n.has_tag_name("polygon")).count(), 2, "one 95% band per group");
