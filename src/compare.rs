@@ -114,6 +114,18 @@ fn aggregate(members: &[&Run], key: &str) -> Vec<(f64, f64, f64)> {
 }
 
 /// The metrics compared, and whether their axis is logarithmic.
+/// Mean and CI of `key` in the runs' "real" rows (the real data's own value: the same for every
+/// run of one data set, except for gen0_seq_ppl, which depends on each run's generation 0).
+fn aggregate_real(members: &[&Run], key: &str) -> Option<(f64, f64)> {
+    let xs: Vec<f64> = members
+        .iter()
+        .flat_map(|r| &r.rows)
+        .filter(|row| row["generation"] == "real")
+        .filter_map(|row| row[key].as_f64())
+        .collect();
+    (!xs.is_empty()).then(|| mean_ci(&xs))
+}
+
 const METRICS: [(&str, bool); 15] = [
     ("test_ppl", true),
     ("test_word_ppl", true),
@@ -195,6 +207,11 @@ pub fn compare(dirs: &[PathBuf], out: &Path) -> Result<()> {
         // The table under each plot: mean ± CI per group and generation.
         html.push_str("<table><tr><th>group</th>");
         write!(md, "\n### {key}\n\n| group |")?;
+        let has_real = groups.iter().any(|(_, m)| aggregate_real(m, key).is_some());
+        if has_real {
+            html.push_str("<th>real</th>");
+            md.push_str(" real |");
+        }
         let gens =
             groups.iter().flat_map(|(_, m)| aggregate(m, key)).map(|(g, _, _)| g as u64).max().unwrap_or(0);
         for g in 0..=gens {
@@ -202,10 +219,22 @@ pub fn compare(dirs: &[PathBuf], out: &Path) -> Result<()> {
             write!(md, " gen {g} |")?;
         }
         html.push_str("</tr>\n");
-        writeln!(md, "\n| --- |{}", " --- |".repeat(gens as usize + 1))?;
+        writeln!(md, "\n| --- |{}", " --- |".repeat(gens as usize + 1 + has_real as usize))?;
         for (label, members) in &groups {
             write!(html, "<tr><td>{}</td>", esc(label))?;
             write!(md, "| {label} |")?;
+            if has_real {
+                match aggregate_real(members, key) {
+                    Some((m, ci)) => {
+                        write!(html, "<td>{m:.4} ± {ci:.4}</td>")?;
+                        write!(md, " {} |", short(m, (members.len() > 1).then_some(ci)))?;
+                    }
+                    None => {
+                        html.push_str("<td>–</td>");
+                        md.push_str(" – |");
+                    }
+                }
+            }
             for (_, m, ci) in aggregate(members, key) {
                 write!(html, "<td>{m:.4} ± {ci:.4}</td>")?;
                 write!(md, " {} |", short(m, (members.len() > 1).then_some(ci)))?;
