@@ -2,13 +2,16 @@
 # Shumailov et al. (Nature 2024) at small scale: blocks prompt mode (every 64-token block of the
 # training set continued by 64 tokens), 10 models (generation 0 on real data, then 1-9), SEEDS seeds
 # with ancestral sampling at temperature 1 for (a) no real data preserved (replace) and (b) 10 % of
-# the real blocks preserved (keep-real), and one seed with beam search of width 5, as the paper.
+# the real blocks preserved (keep-real), and one seed with beam search of width 5, as the paper: with
+# the repetition penalty 3.0 that their code passes (rp3.0), and without it (rp1.0).
 #
 #   scripts/reproduce_shumailov.sh [OUT]        # default OUT: experiments/shumailov
-#   SEEDS=3 GENERATIONS=10 BEAM_REGIMES="replace keep-real" PRESET=lab DEVICE=cpu (the defaults)
+#   SEEDS=3 GENERATIONS=10 BEAM_REGIMES="replace keep-real" BEAM_PENALTIES="3.0 1.0" PRESET=lab
+#   DEVICE=cpu (the defaults)
 source "$(dirname "$0")/experiment_lib.sh"
 OUT=${1:-experiments/shumailov}
 BEAM_REGIMES=${BEAM_REGIMES:-replace keep-real}
+BEAM_PENALTIES=${BEAM_PENALTIES:-3.0 1.0}
 runs=()
 for regime in replace keep-real; do
   for seed in $(seq 0 $((SEEDS - 1))); do
@@ -17,8 +20,11 @@ for regime in replace keep-real; do
   done
 done
 for regime in $BEAM_REGIMES; do
-  run_or_resume "$OUT/beam5-$regime-seed0" --regime "$regime" --beam 5 --seed 0
-  runs+=("$OUT/beam5-$regime-seed0")
+  for rp in $BEAM_PENALTIES; do
+    dir=$OUT/beam5-rp$rp-$regime-seed0
+    run_or_resume "$dir" --regime "$regime" --beam 5 --repetition-penalty "$rp" --seed 0
+    runs+=("$dir")
+  done
 done
 "$LAB" compare "${runs[@]}" --out "$OUT/compare"
 publish shumailov "$OUT/compare" "$OUT/replace-seed0" "$OUT/keep-real-seed0"

@@ -113,6 +113,12 @@ fn aggregate(members: &[&Run], key: &str) -> Vec<(f64, f64, f64)> {
         .collect()
 }
 
+/// One cell per generation 0..=`gens`: the aggregate's (mean, CI) where it has that generation,
+/// None where it does not.
+fn by_generation(agg: &[(f64, f64, f64)], gens: u64) -> Vec<Option<(f64, f64)>> {
+    (0..=gens).map(|g| agg.iter().find(|a| a.0 as u64 == g).map(|a| (a.1, a.2))).collect()
+}
+
 /// The metrics compared, and whether their axis is logarithmic.
 /// Mean and CI of `key` in the runs' "real" rows (the real data's own value: the same for every
 /// run of one data set, except for gen0_seq_ppl, which depends on each run's generation 0).
@@ -147,6 +153,7 @@ const METRICS: [(&str, bool); 15] = [
 /// Four significant figures or so, without exponents (1468.0, 160.8, 12.34, 0.1120); the
 /// half-width `ci`, when given, with as many decimals as the mean.
 fn short(x: f64, ci: Option<f64>) -> String {
+    let x = if x == 0.0 { 0.0 } else { x }; // no "-0.0000"
     let decimals = match x.abs() {
         a if a >= 100.0 => 1,
         a if a >= 10.0 => 2,
@@ -235,9 +242,19 @@ pub fn compare(dirs: &[PathBuf], out: &Path) -> Result<()> {
                     }
                 }
             }
-            for (_, m, ci) in aggregate(members, key) {
-                write!(html, "<td>{m:.4} ± {ci:.4}</td>")?;
-                write!(md, " {} |", short(m, (members.len() > 1).then_some(ci)))?;
+            // A generation where the metric is undefined (the Zipf fit of a corpus with too few
+            // word types) gets a dash, so the columns stay aligned.
+            for cell in by_generation(&aggregate(members, key), gens) {
+                match cell {
+                    Some((m, ci)) => {
+                        write!(html, "<td>{m:.4} ± {ci:.4}</td>")?;
+                        write!(md, " {} |", short(m, (members.len() > 1).then_some(ci)))?;
+                    }
+                    None => {
+                        html.push_str("<td>–</td>");
+                        md.push_str(" – |");
+                    }
+                }
             }
             html.push_str("</tr>\n");
             md.push('\n');
@@ -264,5 +281,21 @@ mod tests {
         assert_eq!(m, 2.0);
         assert!((ci - 4.303 / 3f64.sqrt()).abs() < 1e-12);
         assert_eq!(mean_ci(&[5.0]), (5.0, 0.0));
+    }
+
+    #[test]
+    fn missing_generations_become_empty_cells() {
+        // A Zipf fit that stopped being defined after generation 1, in a table of 4 generations.
+        let agg = [(0.0, 1.5, 0.1), (1.0, 1.7, 0.2)];
+        assert_eq!(by_generation(&agg, 3), vec![Some((1.5, 0.1)), Some((1.7, 0.2)), None, None]);
+        // A gap in the middle stays in its column.
+        let agg = [(0.0, 1.0, 0.0), (2.0, 3.0, 0.0)];
+        assert_eq!(by_generation(&agg, 2), vec![Some((1.0, 0.0)), None, Some((3.0, 0.0))]);
+    }
+
+    #[test]
+    fn short_never_prints_negative_zero() {
+        assert_eq!(short(-0.0, None), short(0.0, None));
+        assert!(!short(-0.0, Some(0.0)).starts_with('-'));
     }
 }
