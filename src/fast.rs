@@ -326,6 +326,8 @@ impl Scorer {
 pub struct FastDecoder<'a> {
     cfg: &'a ModelConfig,
     w: &'a Weights,
+    packed: Vec<PackedLayer>, // the blocks' weights in panels, for the few-row products of decoding
+    head: Panels,             // wte in panels: the LM head
     rows: usize,
     pos: usize,
     k: Vec<Vec<f32>>, // per layer (rows, H, ctx, hs): each head's keys contiguous
@@ -335,9 +337,22 @@ pub struct FastDecoder<'a> {
 impl<'a> FastDecoder<'a> {
     pub fn new(cfg: &'a ModelConfig, w: &'a Weights, rows: usize) -> Self {
         let n = rows * cfg.ctx * cfg.d_model;
+        let c = cfg.d_model;
+        let packed = w
+            .layers
+            .iter()
+            .map(|p| PackedLayer {
+                qkv: Panels::new(&p.qkv_w, 3 * c, c),
+                proj: Panels::new(&p.proj_w, c, c),
+                fc: Panels::new(&p.fc_w, 4 * c, c),
+                fcp: Panels::new(&p.fcp_w, c, 4 * c),
+            })
+            .collect();
         Self {
             cfg,
             w,
+            packed,
+            head: Panels::new(&w.wte, cfg.vocab_size, c),
             rows,
             pos: 0,
             k: vec![vec![0f32; n]; cfg.n_layer],
@@ -384,10 +399,13 @@ impl<'a> FastDecoder<'a> {
         let (mut ln, mut mean, mut rstd) = (vec![0f32; n * c], vec![0f32; n], vec![0f32; n]);
         let (mut qkv, mut y, mut tmp) = (vec![0f32; n * 3 * c], vec![0f32; n * c], vec![0f32; n * c]);
         let (mut fch, mut fcg) = (vec![0f32; n * 4 * c], vec![0f32; n * 4 * c]);
+        // Rows in flight, and queries per prompt row and the position of the first: all t positions
+        // until the last block, which needs only each row's last position (see below).
+        let (mut n, mut tq, mut qpos) = (n, t, pos0);
         for l in 0..cfg.n_layer {
-            let p = &w.layers[l];
+            let (p, pk) = (&w.layers[l], &self.packed[l]);
             layernorm_forward(&mut ln, &mut mean, &mut rstd, &x, &p.ln1_w, &p.ln1_b, c);
-            matmul_forward(&mut qkv, &ln, &p.qkv_w, Some(&p.qkv_b), n, c, 3 * c);
+            linear(&mut qkv, &ln, &p.qkv_w, &pk.qkv, Some(&p.qkv_b), n);
             // Append this step's keys and values to the cache: row r, head hi, position pos0 + i.
             let (kc, vc) = (&mut self.k[l], &mut self.v[l]);
             let hs = c / h;
@@ -398,24 +416,163 @@ impl<'a> FastDecoder<'a> {
                     vc[at..at + hs].copy_from_slice(&q[2 * c + hi * hs..2 * c + (hi + 1) * hs]);
                 }
             }
-            cached_attention(&mut y, &qkv, kc, vc, rows, t, pos0, cfg.ctx, c, h);
-            matmul_forward(&mut tmp, &y, &p.proj_w, Some(&p.proj_b), n, c, c);
+            if l + 1 == cfg.n_layer && tq > 1 {
+                // Only the last position of each row feeds the logits, so once the last block's
+                // keys and values are cached, the rest of that block runs on those rows alone.
+                (x, qkv) = (last_rows(&x, rows, tq, c), last_rows(&qkv, rows, tq, 3 * c));
+                (n, qpos, tq) = (rows, pos0 + tq - 1, 1);
+                for (buf, width) in
+                    [(&mut ln, c), (&mut y, c), (&mut tmp, c), (&mut fch, 4 * c), (&mut fcg, 4 * c)]
+                {
+                    buf.truncate(n * width);
+                }
+                (mean, rstd) = (vec![0f32; n], vec![0f32; n]);
+            }
+            cached_attention(&mut y, &qkv, kc, vc, rows, tq, qpos, cfg.ctx, c, h);
+            linear(&mut tmp, &y, &p.proj_w, &pk.proj, Some(&p.proj_b), n);
             x.iter_mut().zip(&tmp).for_each(|(a, b)| *a += b);
             layernorm_forward(&mut ln, &mut mean, &mut rstd, &x, &p.ln2_w, &p.ln2_b, c);
-            matmul_forward(&mut fch, &ln, &p.fc_w, Some(&p.fc_b), n, c, 4 * c);
+            linear(&mut fch, &ln, &p.fc_w, &pk.fc, Some(&p.fc_b), n);
             gelu_forward(&mut fcg, &fch);
-            matmul_forward(&mut tmp, &fcg, &p.fcp_w, Some(&p.fcp_b), n, 4 * c, c);
+            linear(&mut tmp, &fcg, &p.fcp_w, &pk.fcp, Some(&p.fcp_b), n);
             x.iter_mut().zip(&tmp).for_each(|(a, b)| *a += b);
         }
         self.pos += t;
-        // Only the last position of each row needs logits.
-        let last: Vec<f32> =
-            (0..rows).flat_map(|r| x[((r + 1) * t - 1) * c..(r + 1) * t * c].to_vec()).collect();
+        // x is now (rows, C): each row's last position, the only one that needs logits.
+        debug_assert_eq!(x.len(), rows * c);
         let (mut lnl, mut m1, mut r1) = (vec![0f32; rows * c], vec![0f32; rows], vec![0f32; rows]);
-        layernorm_forward(&mut lnl, &mut m1, &mut r1, &last, &w.lnf_w, &w.lnf_b, c);
+        layernorm_forward(&mut lnl, &mut m1, &mut r1, &x, &w.lnf_w, &w.lnf_b, c);
         let mut logits = vec![0f32; rows * cfg.vocab_size];
-        matmul_forward(&mut logits, &lnl, &w.wte, None, rows, c, cfg.vocab_size);
+        linear(&mut logits, &lnl, &w.wte, &self.head, None, rows);
         logits
+    }
+}
+
+/// The last of every t rows of a (rows·t, width) matrix: (rows, width).
+fn last_rows(a: &[f32], rows: usize, t: usize, width: usize) -> Vec<f32> {
+    (0..rows).flat_map(|r| a[((r + 1) * t - 1) * width..(r + 1) * t * width].iter().copied()).collect()
+}
+
+/// The weight matrices of one block, in panels.
+struct PackedLayer {
+    qkv: Panels,
+    proj: Panels,
+    fc: Panels,
+    fcp: Panels,
+}
+
+/// Output features per panel: one 512-bit register (two 256-bit ones) of f32.
+const PANEL: usize = 16;
+/// Rows per register block of [`panel_block`]: 6 rows × 16 outputs of accumulators.
+const BLOCK_ROWS: usize = 6;
+/// Up to this many rows a product goes to [`panel_matmul`], above it to gemm.
+const PANEL_MAX_ROWS: usize = 256;
+
+/// A weight matrix W (oc, ic) rearranged for decoding: panel p holds outputs 16p..16p+16 as an
+/// (ic, 16) row-major block (zero-padded past oc). A decode step multiplies only a few rows, so a
+/// general gemm spends much of its time re-packing the weights at every step (its left operand,
+/// once it transposes the row-major product); packing them once per sampling call removes that.
+struct Panels {
+    data: Vec<f32>,
+    ic: usize,
+    oc: usize,
+}
+
+impl Panels {
+    fn new(w: &[f32], oc: usize, ic: usize) -> Self {
+        assert_eq!(w.len(), oc * ic, "weight shape");
+        let mut data = vec![0f32; oc.div_ceil(PANEL) * ic * PANEL];
+        for (j, row) in w.chunks(ic).enumerate() {
+            let (p, jj) = (j / PANEL, j % PANEL);
+            for (k, &x) in row.iter().enumerate() {
+                data[(p * ic + k) * PANEL + jj] = x;
+            }
+        }
+        Self { data, ic, oc }
+    }
+}
+
+/// out (n_rows, oc) = inp (n_rows, ic) · W^T + bias, with W given both ways: few rows go to
+/// [`panel_matmul`] on the panels, many (a prefill) to gemm on the plain matrix.
+fn linear(out: &mut [f32], inp: &[f32], w: &[f32], panels: &Panels, bias: Option<&[f32]>, n_rows: usize) {
+    if n_rows <= PANEL_MAX_ROWS {
+        panel_matmul(out, inp, panels, bias, n_rows);
+    } else {
+        matmul_forward(out, inp, w, bias, n_rows, panels.ic, panels.oc);
+    }
+}
+
+/// out (n_rows, oc) = inp (n_rows, ic) · W^T + bias, W in panels. The panels are split between
+/// the threads; each panel is multiplied by every block of rows while it sits in cache.
+fn panel_matmul(out: &mut [f32], inp: &[f32], w: &Panels, bias: Option<&[f32]>, n_rows: usize) {
+    let (ic, oc) = (w.ic, w.oc);
+    assert!(inp.len() == n_rows * ic && out.len() == n_rows * oc, "panel_matmul shapes");
+    let n_panels = oc.div_ceil(PANEL);
+    let threads = rayon::current_num_threads().clamp(1, n_panels);
+    let per_thread = n_panels.div_ceil(threads);
+    let out_p = SendPtr(out.as_mut_ptr());
+    (0..threads).into_par_iter().for_each(|th| {
+        for p in th * per_thread..((th + 1) * per_thread).min(n_panels) {
+            let panel = &w.data[p * ic * PANEL..(p + 1) * ic * PANEL];
+            let (j0, cols) = (p * PANEL, PANEL.min(oc - p * PANEL));
+            let mut r0 = 0;
+            while r0 < n_rows {
+                let rows = BLOCK_ROWS.min(n_rows - r0);
+                let acc = match rows {
+                    6 => panel_block::<6>(inp, r0, ic, panel),
+                    5 => panel_block::<5>(inp, r0, ic, panel),
+                    4 => panel_block::<4>(inp, r0, ic, panel),
+                    3 => panel_block::<3>(inp, r0, ic, panel),
+                    2 => panel_block::<2>(inp, r0, ic, panel),
+                    _ => panel_block::<1>(inp, r0, ic, panel),
+                };
+                for (i, a) in acc.iter().take(rows).enumerate() {
+                    // SAFETY: row r0 + i, columns j0..j0 + cols of `out` (n_rows × oc) are written by
+                    // this thread alone: the panels, hence the column ranges, are split between threads.
+                    let o =
+                        unsafe { std::slice::from_raw_parts_mut(out_p.ptr().add((r0 + i) * oc + j0), cols) };
+                    match bias {
+                        Some(b) => o.iter_mut().zip(a).zip(&b[j0..]).for_each(|((o, a), b)| *o = a + b),
+                        None => o.copy_from_slice(&a[..cols]),
+                    }
+                }
+                r0 += rows;
+            }
+        }
+    });
+}
+
+/// The register block: rows r0..r0+R of `inp` times one panel, R × 16 sums over k. Written with
+/// fixed sizes so that the compiler keeps the accumulators in vector registers and emits FMAs.
+#[inline(always)]
+fn panel_block<const R: usize>(
+    inp: &[f32],
+    r0: usize,
+    ic: usize,
+    panel: &[f32],
+) -> [[f32; PANEL]; BLOCK_ROWS] {
+    let mut acc = [[0f32; PANEL]; R];
+    let x: [&[f32]; R] = std::array::from_fn(|i| &inp[(r0 + i) * ic..(r0 + i + 1) * ic]);
+    for (k, wk) in panel.chunks_exact(PANEL).enumerate() {
+        for i in 0..R {
+            let xv = x[i][k];
+            for jj in 0..PANEL {
+                acc[i][jj] = mul_add(xv, wk[jj], acc[i][jj]);
+            }
+        }
+    }
+    let mut full = [[0f32; PANEL]; BLOCK_ROWS];
+    full[..R].copy_from_slice(&acc);
+    full
+}
+
+/// a·b + c, fused where the CPU has FMA (without it, `f32::mul_add` would be a slow library call).
+#[inline(always)]
+fn mul_add(a: f32, b: f32, c: f32) -> f32 {
+    if cfg!(target_feature = "fma") {
+        a.mul_add(b, c)
+    } else {
+        a * b + c
     }
 }
 
@@ -952,9 +1109,9 @@ fn dot(a: &[f32], b: &[f32]) -> f32 {
     acc.iter().sum::<f32>() + rest
 }
 
-/// Maximum in eight lanes.
+/// Maximum in eight lanes (NaNs are skipped; −∞ for an empty or all-NaN slice).
 #[inline(always)]
-fn max(x: &[f32]) -> f32 {
+pub(crate) fn max(x: &[f32]) -> f32 {
     let mut acc = [f32::NEG_INFINITY; 8];
     let chunks = x.chunks_exact(8);
     let rest = chunks.remainder().iter().fold(f32::NEG_INFINITY, |m, &v| if v > m { v } else { m });
@@ -1210,6 +1367,26 @@ mod tests {
                 .fold((0, f32::MIN), |acc, (i, d)| if d > acc.1 { (i, d) } else { acc });
             assert!(diff <= 1e-4, "{name}[{i}]: fast {} vs candle {}", g[i], want[i]);
         }
+    }
+
+    /// The decode-step product on panels equals gemm's on the plain matrix, for shapes that leave
+    /// partial panels (oc = 37) and partial row blocks (7 rows = 6 + 1).
+    #[test]
+    fn panel_matmul_matches_gemm() {
+        let (rows, ic, oc) = (7, 5, 37);
+        let inp: Vec<f32> = (0..rows * ic).map(|i| ((i * 7 % 11) as f32 - 5.0) / 4.0).collect();
+        let w: Vec<f32> = (0..oc * ic).map(|i| ((i * 5 % 13) as f32 - 6.0) / 8.0).collect();
+        let bias: Vec<f32> = (0..oc).map(|j| j as f32 / 10.0).collect();
+        let (mut want, mut got) = (vec![0f32; rows * oc], vec![1f32; rows * oc]);
+        matmul_forward(&mut want, &inp, &w, Some(&bias), rows, ic, oc);
+        panel_matmul(&mut got, &inp, &Panels::new(&w, oc, ic), Some(&bias), rows);
+        let diff = got.iter().zip(&want).map(|(a, b)| (a - b).abs()).fold(0f32, f32::max);
+        assert!(diff < 1e-5, "max |Δ| {diff}");
+        // Hand-checked element: row 0 = inp[0..5], column 0 = w[0..5], plus bias 0.
+        let dot0: f32 = (0..ic).map(|k| inp[k] * w[k]).sum();
+        assert!((got[0] - dot0).abs() < 1e-6);
+        panel_matmul(&mut got, &inp, &Panels::new(&w, oc, ic), None, rows);
+        assert!((got[oc + 1] - (want[oc + 1] - bias[1])).abs() < 1e-5);
     }
 
     /// The fast decoder (prefill, then one token at a time, then a beam-style row reorder) gives
