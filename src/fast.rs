@@ -493,7 +493,9 @@ impl Panels {
 }
 
 /// out (n_rows, oc) = inp (n_rows, ic) · W^T + bias, with W given both ways: few rows go to
-/// [`panel_matmul`] on the panels, many (a prefill) to gemm on the plain matrix.
+/// [`panel_matmul`] on the panels, many (a prefill) to gemm on the plain matrix. The two sum in
+/// different orders, so a prompt's logits can differ in the last bits with the size of its batch;
+/// a run stays reproducible, as its batches are fixed.
 fn linear(out: &mut [f32], inp: &[f32], w: &[f32], panels: &Panels, bias: Option<&[f32]>, n_rows: usize) {
     if n_rows <= PANEL_MAX_ROWS {
         panel_matmul(out, inp, panels, bias, n_rows);
@@ -507,12 +509,12 @@ fn linear(out: &mut [f32], inp: &[f32], w: &[f32], panels: &Panels, bias: Option
 fn panel_matmul(out: &mut [f32], inp: &[f32], w: &Panels, bias: Option<&[f32]>, n_rows: usize) {
     let (ic, oc) = (w.ic, w.oc);
     assert!(inp.len() == n_rows * ic && out.len() == n_rows * oc, "panel_matmul shapes");
+    assert!(bias.is_none_or(|b| b.len() == oc), "panel_matmul bias");
     let n_panels = oc.div_ceil(PANEL);
-    let threads = rayon::current_num_threads().clamp(1, n_panels);
-    let per_thread = n_panels.div_ceil(threads);
+    let threads = rayon::current_num_threads().clamp(1, n_panels.max(1));
     let out_p = SendPtr(out.as_mut_ptr());
     (0..threads).into_par_iter().for_each(|th| {
-        for p in th * per_thread..((th + 1) * per_thread).min(n_panels) {
+        for p in th * n_panels / threads..(th + 1) * n_panels / threads {
             let panel = &w.data[p * ic * PANEL..(p + 1) * ic * PANEL];
             let (j0, cols) = (p * PANEL, PANEL.min(oc - p * PANEL));
             let mut r0 = 0;
@@ -592,6 +594,9 @@ fn cached_attention(
     h: usize,
 ) {
     let (hs, len) = (c / h, pos0 + t);
+    // The raw writes below rely on these shapes.
+    assert!(out.len() == rows * t * c && qkv.len() == rows * t * 3 * c, "cached_attention shapes");
+    assert!(kc.len() >= rows * h * ctx * hs && vc.len() == kc.len() && len <= ctx, "cached_attention cache");
     let scale = 1.0 / (hs as f32).sqrt();
     let out_p = SendPtr(out.as_mut_ptr());
     (0..rows * h).into_par_iter().for_each_init(
@@ -1373,7 +1378,7 @@ mod tests {
     /// partial panels (oc = 37) and partial row blocks (7 rows = 6 + 1).
     #[test]
     fn panel_matmul_matches_gemm() {
-        let (rows, ic, oc) = (7, 5, 37);
+        let (rows, ic, oc) = (11, 5, 37);
         let inp: Vec<f32> = (0..rows * ic).map(|i| ((i * 7 % 11) as f32 - 5.0) / 4.0).collect();
         let w: Vec<f32> = (0..oc * ic).map(|i| ((i * 5 % 13) as f32 - 6.0) / 8.0).collect();
         let bias: Vec<f32> = (0..oc).map(|j| j as f32 / 10.0).collect();
@@ -1386,7 +1391,34 @@ mod tests {
         let dot0: f32 = (0..ic).map(|k| inp[k] * w[k]).sum();
         assert!((got[0] - dot0).abs() < 1e-6);
         panel_matmul(&mut got, &inp, &Panels::new(&w, oc, ic), None, rows);
-        assert!((got[oc + 1] - (want[oc + 1] - bias[1])).abs() < 1e-5);
+        for (i, (g, w)) in got.iter().zip(&want).enumerate() {
+            assert!((g - (w - bias[i % oc])).abs() < 1e-5, "no bias, element {i}");
+        }
+    }
+
+    /// A prefill of more rows than the panels take (30 prompts × 10 tokens = 300 > PANEL_MAX_ROWS,
+    /// so gemm) in a one-block model, whose only block is also the last (shrunk to 30 rows, so
+    /// panels), then a decoding step: candle's full-forward logits at both positions.
+    #[test]
+    fn large_prefill_and_single_block_match_the_candle_forward() {
+        let cfg = ModelConfig { n_layer: 1, ..cfg() };
+        let (model, _) = init_model(&cfg, 9, &Device::Cpu).unwrap();
+        let model = model.detached();
+        let w = Weights::from_gpt(&model).unwrap();
+        let rows = 30;
+        let seqs: Vec<u32> = (0..rows * 11).map(|i| ((i * 13 + i / 11) % 37) as u32).collect();
+        let x = Tensor::from_vec(seqs.clone(), (rows, 11), &Device::Cpu).unwrap();
+        let full = model.forward(&x, None).unwrap().to_vec3::<f32>().unwrap(); // (rows, 11, V)
+        let mut dec = FastDecoder::new(&cfg, &w, rows);
+        let prompt: Vec<u32> = (0..rows).flat_map(|r| seqs[r * 11..r * 11 + 10].to_vec()).collect();
+        let next: Vec<u32> = (0..rows).map(|r| seqs[r * 11 + 10]).collect();
+        for (logits, pos) in [(dec.forward(&prompt, 10), 9), (dec.forward(&next, 1), 10)] {
+            for r in 0..rows {
+                let got = &logits[r * 37..(r + 1) * 37];
+                let diff = got.iter().zip(&full[r][pos]).map(|(a, b)| (a - b).abs()).fold(0f32, f32::max);
+                assert!(diff < 1e-4, "row {r} position {pos}: max |Δ| {diff}");
+            }
+        }
     }
 
     /// The fast decoder (prefill, then one token at a time, then a beam-style row reorder) gives
