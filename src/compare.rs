@@ -231,30 +231,12 @@ pub fn compare(dirs: &[PathBuf], out: &Path) -> Result<()> {
             write!(html, "<tr><td>{}</td>", esc(label))?;
             write!(md, "| {label} |")?;
             if has_real {
-                match aggregate_real(members, key) {
-                    Some((m, ci)) => {
-                        write!(html, "<td>{m:.4} ± {ci:.4}</td>")?;
-                        write!(md, " {} |", short(m, (members.len() > 1).then_some(ci)))?;
-                    }
-                    None => {
-                        html.push_str("<td>–</td>");
-                        md.push_str(" – |");
-                    }
-                }
+                write_cell(&mut html, &mut md, aggregate_real(members, key), members.len())?;
             }
             // A generation where the metric is undefined (the Zipf fit of a corpus with too few
             // word types) gets a dash, so the columns stay aligned.
             for cell in by_generation(&aggregate(members, key), gens) {
-                match cell {
-                    Some((m, ci)) => {
-                        write!(html, "<td>{m:.4} ± {ci:.4}</td>")?;
-                        write!(md, " {} |", short(m, (members.len() > 1).then_some(ci)))?;
-                    }
-                    None => {
-                        html.push_str("<td>–</td>");
-                        md.push_str(" – |");
-                    }
-                }
+                write_cell(&mut html, &mut md, cell, members.len())?;
             }
             html.push_str("</tr>\n");
             md.push('\n');
@@ -264,6 +246,22 @@ pub fn compare(dirs: &[PathBuf], out: &Path) -> Result<()> {
     html.push_str("</body></html>\n");
     write_atomic(&out.join("compare.md"), md.as_bytes())?;
     write_atomic(&out.join("compare.html"), html.as_bytes())
+}
+
+/// One table cell in both formats: mean ± CI over `n` runs (the CI only when n > 1 in Markdown), or
+/// a dash where there is no value.
+fn write_cell(html: &mut String, md: &mut String, cell: Option<(f64, f64)>, n: usize) -> std::fmt::Result {
+    match cell {
+        Some((m, ci)) => {
+            write!(html, "<td>{m:.4} ± {ci:.4}</td>")?;
+            write!(md, " {} |", short(m, (n > 1).then_some(ci)))
+        }
+        None => {
+            html.push_str("<td>–</td>");
+            md.push_str(" – |");
+            Ok(())
+        }
+    }
 }
 
 fn esc(s: &str) -> String {
