@@ -1375,7 +1375,7 @@ mod tests {
     }
 
     /// The decode-step product on panels equals gemm's on the plain matrix, for shapes that leave
-    /// partial panels (oc = 37) and partial row blocks (7 rows = 6 + 1).
+    /// partial panels (oc = 37) and partial row blocks (11 rows = 6 + 5).
     #[test]
     fn panel_matmul_matches_gemm() {
         let (rows, ic, oc) = (11, 5, 37);
@@ -1406,6 +1406,7 @@ mod tests {
         let model = model.detached();
         let w = Weights::from_gpt(&model).unwrap();
         let rows = 30;
+        assert!(rows * 10 > PANEL_MAX_ROWS && rows <= PANEL_MAX_ROWS, "the prefill must take the gemm path");
         let seqs: Vec<u32> = (0..rows * 11).map(|i| ((i * 13 + i / 11) % 37) as u32).collect();
         let x = Tensor::from_vec(seqs.clone(), (rows, 11), &Device::Cpu).unwrap();
         let full = model.forward(&x, None).unwrap().to_vec3::<f32>().unwrap(); // (rows, 11, V)
