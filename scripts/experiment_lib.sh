@@ -17,6 +17,14 @@ if [ -z "${LAB:-}" ]; then
 fi
 START=$(date +%s)
 
+# sweep OUT FLAG...: `collapse-lab sweep` with the settings above (every run resumable; compare in OUT/compare).
+sweep() {
+  local out=$1
+  shift
+  "$LAB" sweep --preset "$PRESET" --generations "$GENERATIONS" --seeds "$SEEDS" --device "$DEVICE" --quiet \
+    --out "$out" "$@"
+}
+
 # run_or_resume DIR FLAG...: a finished run is kept, an interrupted one resumed, a new one started.
 run_or_resume() {
   local dir=$1
@@ -36,8 +44,8 @@ publish() {
   shift 2
   mkdir -p "$docs"
   cp "$cmp/compare.md" "$docs/compare.md"
-  for key in test_ppl test_ppl_rare ttr_at_n distinct_2 unigram_entropy rare_ngram_recall_1 \
-    rare_ngram_recall_3 common_ngram_recall_1 gen0_seq_ppl_p5 gen0_seq_ppl_p95; do
+  # The compared metrics, as the binary's registry lists them (`metrics --list`: key, unit, healthier, shown in).
+  for key in $("$LAB" metrics --list | awk -F'\t' 'NR > 1 && $4 ~ /compare/ {print $1}'); do
     cp "$cmp/plots/compare_$key.svg" "$docs/"
   done
   for run in "$@"; do

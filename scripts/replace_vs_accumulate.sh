@@ -9,15 +9,6 @@ source "$(dirname "$0")/experiment_lib.sh"
 OUT=${1:-experiments/replace-vs-accumulate}
 TEMPERATURES=${TEMPERATURES:-1.0 0.3}
 PROMPT_MODE=${PROMPT_MODE:-free}
-runs=()
-for t in $TEMPERATURES; do
-  for regime in replace accumulate accumulate-subsample; do
-    for seed in $(seq 0 $((SEEDS - 1))); do
-      dir=$OUT/t$t-$regime-seed$seed
-      run_or_resume "$dir" --regime "$regime" --temperature "$t" --prompt-mode "$PROMPT_MODE" --seed "$seed"
-      runs+=("$dir")
-    done
-  done
-done
-"$LAB" compare "${runs[@]}" --out "$OUT/compare"
-publish replace-vs-accumulate "$OUT/compare" "$OUT/t1.0-replace-seed0" "$OUT/t1.0-accumulate-seed0"
+sweep "$OUT" --temperature "${TEMPERATURES// /,}" --regime replace,accumulate,accumulate-subsample \
+  --set "recursion.prompt_mode=$PROMPT_MODE"
+publish replace-vs-accumulate "$OUT/compare" "$OUT/t1-p1-replace-seed0" "$OUT/t1-p1-accumulate-seed0"

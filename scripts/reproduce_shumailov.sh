@@ -12,19 +12,9 @@ source "$(dirname "$0")/experiment_lib.sh"
 OUT=${1:-experiments/shumailov}
 BEAM_REGIMES=${BEAM_REGIMES:-replace keep-real}
 BEAM_PENALTIES=${BEAM_PENALTIES:-3.0 1.0}
-runs=()
-for regime in replace keep-real; do
-  for seed in $(seq 0 $((SEEDS - 1))); do
-    run_or_resume "$OUT/$regime-seed$seed" --regime "$regime" --seed "$seed"
-    runs+=("$OUT/$regime-seed$seed")
-  done
-done
-for regime in $BEAM_REGIMES; do
-  for rp in $BEAM_PENALTIES; do
-    dir=$OUT/beam5-rp$rp-$regime-seed0
-    run_or_resume "$dir" --regime "$regime" --beam 5 --repetition-penalty "$rp" --seed 0
-    runs+=("$dir")
-  done
-done
-"$LAB" compare "${runs[@]}" --out "$OUT/compare"
-publish shumailov "$OUT/compare" "$OUT/replace-seed0" "$OUT/keep-real-seed0"
+# Sampling at temperature 1, both regimes, SEEDS seeds; then beam search, one seed.
+sweep "$OUT" --regime replace,keep-real
+SEEDS=1 sweep "$OUT" --regime "${BEAM_REGIMES// /,}" --grid sample.beam=5 \
+  --grid "sample.repetition_penalty=${BEAM_PENALTIES// /,}"
+"$LAB" compare "$OUT"/*-seed*/ --out "$OUT/compare"
+publish shumailov "$OUT/compare" "$OUT/t1-p1-replace-seed0" "$OUT/t1-p1-keep-real-seed0"

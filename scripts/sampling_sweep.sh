@@ -9,15 +9,5 @@ source "$(dirname "$0")/experiment_lib.sh"
 OUT=${1:-experiments/sampling-sweep}
 TEMPERATURES=${TEMPERATURES:-1.0 0.7}
 TOP_PS=${TOP_PS:-1.0 0.9}
-runs=()
-for t in $TEMPERATURES; do
-  for p in $TOP_PS; do
-    for seed in $(seq 0 $((SEEDS - 1))); do
-      dir=$OUT/t$t-p$p-seed$seed
-      run_or_resume "$dir" --regime replace --temperature "$t" --top-p "$p" --seed "$seed"
-      runs+=("$dir")
-    done
-  done
-done
-"$LAB" compare "${runs[@]}" --out "$OUT/compare"
-publish sampling-sweep "$OUT/compare" "$OUT/t1.0-p1.0-seed0" "$OUT/t0.7-p0.9-seed0"
+sweep "$OUT" --temperature "${TEMPERATURES// /,}" --top-p "${TOP_PS// /,}" --regime replace
+publish sampling-sweep "$OUT/compare" "$OUT/t1-p1-replace-seed0" "$OUT/t0.7-p0.9-replace-seed0"

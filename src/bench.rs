@@ -3,10 +3,9 @@
 //! compared on one machine. Warm-up iterations, then the median of timed ones.
 
 use crate::config::{Config, TrainConfig};
-use crate::model::{init_model, ModelConfig};
-use crate::train::Engine;
+use crate::model::engine::Engine;
+use crate::model::{init_weights, n_params, ModelConfig};
 use anyhow::Result;
-use candle_core::{Device, Tensor};
 use rand::{Rng, SeedableRng};
 use rand_chacha::ChaCha8Rng;
 use serde::Serialize;
@@ -64,21 +63,20 @@ fn median(mut v: Vec<f64>) -> f64 {
 }
 
 /// Benchmarks the training step of the lab (the same code `train` runs).
-pub fn bench_train(shape: &BenchShape, warmup: usize, iters: usize, dev: &Device) -> Result<TrainBench> {
+pub fn bench_train(shape: &BenchShape, warmup: usize, iters: usize, engine: &Engine) -> Result<TrainBench> {
     let cfg = &shape.model;
-    let (model, varmap) = init_model(cfg, 0, dev)?;
     let tc =
         TrainConfig { lr: 3e-4, weight_decay: 0.1, beta1: 0.9, beta2: 0.95, ..Config::preset("cpu")?.train };
-    let mut engine = Engine::new(&model, &varmap, &tc, dev)?;
+    let mut trainer = engine.trainer(cfg, &init_weights(cfg, 0), &tc, 0)?;
     let mut rng = ChaCha8Rng::seed_from_u64(0);
     let (b, t) = (shape.batch, cfg.ctx);
     let (mut step, mut losses) = (vec![], vec![]);
     for i in 0..warmup + iters {
         let data: Vec<u32> = (0..b * (t + 1)).map(|_| rng.random_range(0..cfg.vocab_size as u32)).collect();
-        let data = Tensor::from_vec(data, (b, t + 1), dev)?;
-        let (x, y) = (data.narrow(1, 0, t)?, data.narrow(1, 1, t)?.contiguous()?);
+        let x: Vec<u32> = data.chunks(t + 1).flat_map(|r| r[..t].to_vec()).collect();
+        let y: Vec<u32> = data.chunks(t + 1).flat_map(|r| r[1..].to_vec()).collect();
         let t0 = Instant::now();
-        let (loss_v, _) = engine.step(&model, &x, &y, None, tc.lr, &tc)?;
+        let (loss_v, _) = trainer.step(&x, &y, b, t, tc.lr, &tc)?;
         let t1 = Instant::now();
         losses.push(loss_v);
         if i >= warmup {
@@ -88,12 +86,9 @@ pub fn bench_train(shape: &BenchShape, warmup: usize, iters: usize, dev: &Device
     let median_step_s = median(step);
     Ok(TrainBench {
         shape: shape.clone(),
-        params: cfg.n_params(),
+        params: n_params(cfg),
         threads: threads(),
-        engine: match engine {
-            Engine::Fast(_) => "fast".into(),
-            Engine::Candle(_) => "candle".into(),
-        },
+        engine: trainer.name().into(),
         median_step_s,
         tokens_per_s: (b * t) as f64 / median_step_s,
         first_loss: losses[0],
@@ -130,12 +125,11 @@ pub fn bench_sample(
     prompt_len: usize,
     new: usize,
     iters: usize,
-    dev: &Device,
+    engine: &Engine,
 ) -> Result<SampleBench> {
     let cfg = &shape.model;
     anyhow::ensure!(prompt_len + new <= cfg.ctx, "--prompt-len + --new must fit the context ({})", cfg.ctx);
-    let (model, _) = init_model(cfg, 0, dev)?;
-    let model = model.detached();
+    let model = engine.load(cfg, &init_weights(cfg, 0))?;
     let mut rng = ChaCha8Rng::seed_from_u64(0);
     let data: Vec<Vec<u32>> = (0..prompts)
         .map(|_| (0..prompt_len).map(|_| rng.random_range(0..cfg.vocab_size as u32)).collect())
@@ -143,17 +137,17 @@ pub fn bench_sample(
     let refs: Vec<&[u32]> = data.iter().map(Vec::as_slice).collect();
     let seeds: Vec<u64> = (0..prompts as u64).collect();
     let decoding = crate::sample::Decoding { sampler: crate::sampler::SamplerSettings::default(), beam: 0 };
-    crate::sample::generate(&model, &refs, new, &decoding, &seeds, dev)?; // warm-up
+    crate::sample::generate(&model, &refs, new, &decoding, &seeds)?; // warm-up
     let mut times = vec![];
     for _ in 0..iters {
         let t0 = Instant::now();
-        crate::sample::generate(&model, &refs, new, &decoding, &seeds, dev)?;
+        crate::sample::generate(&model, &refs, new, &decoding, &seeds)?;
         times.push(t0.elapsed().as_secs_f64());
     }
     let median_s = median(times);
     Ok(SampleBench {
         shape: shape.clone(),
-        params: cfg.n_params(),
+        params: n_params(cfg),
         threads: threads(),
         prompts,
         prompt_len,

@@ -1,15 +1,14 @@
 //! A model directory: `model.safetensors` (the selected weights), `model.json` (resolved config and
-//! training summary) and `tokenizer.json` (the frozen tokenizer). Written by `train`, read by `eval`,
-//! by sampling, and by every generation of a run.
+//! training summary) and `tokenizer.json` (the frozen tokenizer). Written by [`train_model_dir`]
+//! (the `train` command and every generation of a run), read by `eval`, sampling and `resume`.
 
 use crate::config::Config;
-use crate::model::{Gpt, ModelConfig};
-use crate::run_dir::{write_atomic, write_json};
+use crate::files::{write_atomic, write_json};
+use crate::model::engine::{Engine, Model};
+use crate::model::{load_weights, ModelConfig, Weights};
 use crate::tokenizer::Tokenizer;
-use crate::train::TrainSummary;
+use crate::train::{self, TrainSummary, TrainTarget};
 use anyhow::{bail, Context, Result};
-use candle_core::{DType, Device};
-use candle_nn::VarBuilder;
 use serde::{Deserialize, Serialize};
 use std::path::Path;
 
@@ -34,26 +33,72 @@ pub fn write_model_dir(dir: &Path, info: &ModelInfo, tok: &Tokenizer) -> Result<
     write_json(&dir.join(MODEL_JSON), info)
 }
 
-/// A trained model ready for inference (detached weights), its tokenizer and its record.
+/// What to train into a model directory.
+pub struct TrainJob<'a> {
+    pub cfg: &'a Config,
+    pub tok: &'a Tokenizer,
+    /// The architecture (the config's, with the tokenizer's vocabulary).
+    pub model: &'a ModelConfig,
+    pub init: &'a Weights,
+    pub train: &'a [u32],
+    pub valid: &'a [u32],
+    /// Seeds the batch order (and dropout).
+    pub seed: u64,
+    pub quiet: bool,
+    /// Prefix of progress messages and errors, e.g. "gen 2".
+    pub label: String,
+}
+
+/// Trains `job` and writes the model directory `dir` (which must exist): the best-validation
+/// weights, `model.json` and `tokenizer.json`. Returns the `model.json` record.
+pub fn train_model_dir(engine: &Engine, job: &TrainJob, dir: &Path) -> Result<ModelInfo> {
+    let target = TrainTarget { checkpoint: &dir.join(WEIGHTS), quiet: job.quiet, label: job.label.clone() };
+    let training = train::train(
+        engine,
+        job.model,
+        job.init,
+        &job.cfg.train,
+        job.train,
+        job.valid,
+        job.cfg.data.block_size,
+        job.seed,
+        &target,
+    )?;
+    let info = ModelInfo {
+        crate_version: env!("CARGO_PKG_VERSION").to_string(),
+        model: job.model.clone(),
+        config: job.cfg.clone(),
+        tokenizer_sha256: job.tok.sha256(),
+        training,
+    };
+    write_model_dir(dir, &info, job.tok)?;
+    Ok(info)
+}
+
+/// A trained model ready for inference, its tokenizer and its record.
 pub struct LoadedModel {
-    pub model: Gpt,
+    pub model: Model,
     pub tokenizer: Tokenizer,
     pub info: ModelInfo,
 }
 
-/// Loads a model directory, checking that its pieces belong together.
-pub fn load_model_dir(dir: &Path, dev: &Device) -> Result<LoadedModel> {
+/// Reads a directory's `model.json`.
+pub fn read_info(dir: &Path) -> Result<ModelInfo> {
+    let json_path = dir.join(MODEL_JSON);
+    let text = std::fs::read_to_string(&json_path)
+        .with_context(|| format!("cannot read {}", json_path.display()))?;
+    serde_json::from_str(&text).with_context(|| format!("{} is not a valid model.json", json_path.display()))
+}
+
+/// Loads a model directory on `engine`, checking that its pieces belong together.
+pub fn load_model_dir(dir: &Path, engine: &Engine) -> Result<LoadedModel> {
     if !dir.is_dir() {
         bail!(
             "model directory {} does not exist (expected the --out of `collapse-lab train`)",
             dir.display()
         );
     }
-    let json_path = dir.join(MODEL_JSON);
-    let text = std::fs::read_to_string(&json_path)
-        .with_context(|| format!("cannot read {}", json_path.display()))?;
-    let info: ModelInfo = serde_json::from_str(&text)
-        .with_context(|| format!("{} is not a valid model.json", json_path.display()))?;
+    let info = read_info(dir)?;
     let tokenizer = Tokenizer::load(&dir.join(TOKENIZER))?;
     if tokenizer.vocab_size() != info.model.vocab_size {
         bail!(
@@ -64,16 +109,7 @@ pub fn load_model_dir(dir: &Path, dev: &Device) -> Result<LoadedModel> {
             tokenizer.vocab_size()
         );
     }
-    let model = load_weights(&info.model, &dir.join(WEIGHTS), dev)?;
+    let weights = load_weights(&info.model, &dir.join(WEIGHTS))?;
+    let model = engine.load(&info.model, &weights)?;
     Ok(LoadedModel { model, tokenizer, info })
-}
-
-/// Builds an inference model from a safetensors file, naming it when it is missing, truncated or of
-/// another shape.
-pub fn load_weights(cfg: &ModelConfig, path: &Path, dev: &Device) -> Result<Gpt> {
-    let what =
-        || format!("cannot load weights {} (missing, truncated, or not this model's shapes)", path.display());
-    let tensors = candle_core::safetensors::load(path, dev).with_context(what)?;
-    let vb = VarBuilder::from_tensors(tensors, DType::F32, dev);
-    Gpt::new(cfg, vb).with_context(what)
 }

@@ -1,11 +1,14 @@
 //! `compare` and `sweep`: several runs in one set of plots. Runs are labelled by the settings in
 //! which they differ (temperature, top-p, regime, …); runs that differ only in their seed form one
-//! group, drawn as its mean with a 95 % confidence band (Student's t over the seeds).
+//! group, drawn as its mean with a 95 % confidence band (Student's t over the seeds). A sweep is a
+//! grid of settings × seeds ([`sweep_runs`]), each point an ordinary, resumable run.
 
-use crate::recursion::{load_state, RunState, METRICS_JSONL};
+use crate::config::{usage, Config};
+use crate::files::{create_dir, write_atomic};
+use crate::metrics::registry::{Metric, Row, RowId};
+use crate::recursion::run_dir::{load_state, read_rows, RunState};
 use crate::report::{line_chart, Axes, Series};
-use crate::run_dir::{create_dir, write_atomic};
-use anyhow::{Context, Result};
+use anyhow::Result;
 use serde_json::Value;
 use std::collections::BTreeMap;
 use std::fmt::Write as _;
@@ -32,15 +35,11 @@ pub fn mean_ci(xs: &[f64]) -> (f64, f64) {
 struct Run {
     dir: PathBuf,
     state: RunState,
-    rows: Vec<Value>,
+    rows: Vec<Row>,
 }
 
 fn load(dir: &Path) -> Result<Run> {
-    let state = load_state(dir)?;
-    let path = dir.join(METRICS_JSONL);
-    let text = std::fs::read_to_string(&path).with_context(|| format!("cannot read {}", path.display()))?;
-    let rows = text.lines().map(serde_json::from_str).collect::<std::result::Result<_, _>>()?;
-    Ok(Run { dir: dir.to_path_buf(), state, rows })
+    Ok(Run { dir: dir.to_path_buf(), state: load_state(dir)?, rows: read_rows(dir)? })
 }
 
 /// Dotted leaves of a run's settings, without the seed and the preset's name.
@@ -94,13 +93,13 @@ fn groups(runs: &[Run]) -> Vec<(String, Vec<&Run>)> {
     groups
 }
 
-/// Per generation: mean and CI of `key` over a group's runs.
-fn aggregate(members: &[&Run], key: &str) -> Vec<(f64, f64, f64)> {
+/// Per generation: mean and CI of `metric` over a group's runs.
+fn aggregate(members: &[&Run], metric: Metric) -> Vec<(f64, f64, f64)> {
     let mut by_gen: BTreeMap<u64, Vec<f64>> = BTreeMap::new();
     for run in members {
         for row in &run.rows {
-            if let (Some(g), Some(v)) = (row["generation"].as_u64(), row[key].as_f64()) {
-                by_gen.entry(g).or_default().push(v);
+            if let (Some(g), Some(v)) = (row.generation(), row.get(metric)) {
+                by_gen.entry(g as u64).or_default().push(v);
             }
         }
     }
@@ -119,36 +118,17 @@ fn by_generation(agg: &[(f64, f64, f64)], gens: u64) -> Vec<Option<(f64, f64)>> 
     (0..=gens).map(|g| agg.iter().find(|a| a.0 as u64 == g).map(|a| (a.1, a.2))).collect()
 }
 
-/// The metrics compared, and whether their axis is logarithmic.
-/// Mean and CI of `key` in the runs' "real" rows (the real data's own value: the same for every
+/// Mean and CI of `metric` in the runs' "real" rows (the real data's own value: the same for every
 /// run of one data set, except for gen0_seq_ppl, which depends on each run's generation 0).
-fn aggregate_real(members: &[&Run], key: &str) -> Option<(f64, f64)> {
+fn aggregate_real(members: &[&Run], metric: Metric) -> Option<(f64, f64)> {
     let xs: Vec<f64> = members
         .iter()
         .flat_map(|r| &r.rows)
-        .filter(|row| row["generation"] == "real")
-        .filter_map(|row| row[key].as_f64())
+        .filter(|row| row.id == RowId::Real)
+        .filter_map(|row| row.get(metric))
         .collect();
     (!xs.is_empty()).then(|| mean_ci(&xs))
 }
-
-const METRICS: [(&str, bool); 15] = [
-    ("test_ppl", true),
-    ("test_word_ppl", true),
-    ("test_ppl_rare", true),
-    ("ttr_at_n", false),
-    ("distinct_1", false),
-    ("distinct_2", false),
-    ("unigram_entropy", false),
-    ("rare_ngram_recall_1", false),
-    ("rare_ngram_recall_3", false),
-    ("common_ngram_recall_1", false),
-    ("novel_trigram_rate", false),
-    ("gen0_seq_ppl_p5", true),
-    ("gen0_seq_ppl_p50", true),
-    ("gen0_seq_ppl_p95", true),
-    ("zipf_alpha", false),
-];
 
 /// Four significant figures or so, without exponents (1468.0, 160.8, 12.34, 0.1120); the
 /// half-width `ci`, when given, with as many decimals as the mean.
@@ -163,6 +143,80 @@ fn short(x: f64, ci: Option<f64>) -> String {
         Some(ci) => format!("{x:.decimals$} ± {ci:.decimals$}"),
         None => format!("{x:.decimals$}"),
     }
+}
+
+/// The runs of a sweep: every combination of the `axes` (a setting's key and its values, as
+/// `--set` takes them) × seeds 0..`seeds`, each a resolved config and a directory name made of
+/// its values (`t0.7-p1-replace-seed0`; other keys as `name=value`). Values are compared after
+/// parsing, so `1` and `1.0` are one grid point.
+pub fn sweep_runs(
+    preset: &str,
+    sets: &[String],
+    axes: &[(String, Vec<String>)],
+    seeds: u64,
+) -> Result<Vec<(String, Config)>> {
+    // Distinct values per axis, by the setting they give.
+    let mut distinct: Vec<(&str, Vec<(String, Value)>)> = Vec::new();
+    for (key, values) in axes {
+        let mut kept: Vec<(String, Value)> = Vec::new();
+        for v in values {
+            let cfg = Config::resolve(preset, None, &[sets, &[format!("{key}={v}")]].concat(), None)?;
+            let setting = settings_value(&cfg, key);
+            if !kept.iter().any(|(_, s)| *s == setting) {
+                kept.push((v.clone(), setting));
+            }
+        }
+        if kept.is_empty() {
+            return usage(format!("sweep: no values for {key}"));
+        }
+        distinct.push((key, kept));
+    }
+    let mut points: Vec<Vec<(&str, &str)>> = vec![Vec::new()];
+    for (key, values) in &distinct {
+        points = points
+            .into_iter()
+            .flat_map(|p| values.iter().map(move |(v, _)| [p.clone(), vec![(*key, v.as_str())]].concat()))
+            .collect();
+    }
+    let mut runs = Vec::new();
+    for point in points {
+        for seed in 0..seeds {
+            let mut all = sets.to_vec();
+            all.extend(point.iter().map(|(k, v)| format!("{k}={v}")));
+            let cfg = Config::resolve(preset, None, &all, Some(seed))?;
+            let mut name: Vec<String> = point
+                .iter()
+                .map(|(k, _)| {
+                    let v = settings_value(&cfg, k);
+                    let v = match &v {
+                        Value::Number(n) if n.is_f64() => {
+                            format!("{}", n.as_f64().unwrap_or(f64::NAN) as f32)
+                        }
+                        Value::String(s) => s.clone(),
+                        other => other.to_string(),
+                    };
+                    match *k {
+                        "sample.temperature" => format!("t{v}"),
+                        "sample.top_p" => format!("p{v}"),
+                        "recursion.regime" => v,
+                        other => format!("{}={v}", other.rsplit('.').next().unwrap_or(other)),
+                    }
+                })
+                .collect();
+            name.push(format!("seed{seed}"));
+            runs.push((name.join("-"), cfg));
+        }
+    }
+    Ok(runs)
+}
+
+/// The value of the setting at dotted `key` in a resolved config.
+fn settings_value(cfg: &Config, key: &str) -> Value {
+    let mut v = serde_json::to_value(cfg).unwrap_or(Value::Null);
+    for part in key.split('.') {
+        v = v.get(part).cloned().unwrap_or(Value::Null);
+    }
+    v
 }
 
 /// Writes `plots/compare_*.svg` and `compare.html` into `out` for the runs in `dirs`.
@@ -192,11 +246,13 @@ pub fn compare(dirs: &[PathBuf], out: &Path) -> Result<()> {
     }
     md.push_str("\nMean ± 95 % confidence half-width over seeds (Student's t) per generation.\n");
     html.push_str("</ul>\n<p>Curves are means over the runs of a group; shaded bands are 95 % confidence intervals (Student's t over seeds).</p>\n");
-    for (key, log_y) in METRICS {
+    // The metrics compared, and whether their axis is logarithmic: the registry says.
+    for (metric, log_y) in Metric::ALL.iter().filter_map(|&m| m.def().compare.map(|log| (m, log))) {
+        let key = metric.key();
         let series: Vec<Series> = groups
             .iter()
             .map(|(label, members)| {
-                let agg = aggregate(members, key);
+                let agg = aggregate(members, metric);
                 Series {
                     label: format!("{label} (n={})", members.len()),
                     points: agg.iter().map(|&(g, m, _)| (g, m)).collect(),
@@ -214,13 +270,17 @@ pub fn compare(dirs: &[PathBuf], out: &Path) -> Result<()> {
         // The table under each plot: mean ± CI per group and generation.
         html.push_str("<table><tr><th>group</th>");
         write!(md, "\n### {key}\n\n| group |")?;
-        let has_real = groups.iter().any(|(_, m)| aggregate_real(m, key).is_some());
+        let has_real = groups.iter().any(|(_, m)| aggregate_real(m, metric).is_some());
         if has_real {
             html.push_str("<th>real</th>");
             md.push_str(" real |");
         }
-        let gens =
-            groups.iter().flat_map(|(_, m)| aggregate(m, key)).map(|(g, _, _)| g as u64).max().unwrap_or(0);
+        let gens = groups
+            .iter()
+            .flat_map(|(_, m)| aggregate(m, metric))
+            .map(|(g, _, _)| g as u64)
+            .max()
+            .unwrap_or(0);
         for g in 0..=gens {
             write!(html, "<th>gen {g}</th>")?;
             write!(md, " gen {g} |")?;
@@ -231,11 +291,11 @@ pub fn compare(dirs: &[PathBuf], out: &Path) -> Result<()> {
             write!(html, "<tr><td>{}</td>", esc(label))?;
             write!(md, "| {label} |")?;
             if has_real {
-                write_cell(&mut html, &mut md, aggregate_real(members, key), members.len())?;
+                write_cell(&mut html, &mut md, aggregate_real(members, metric), members.len())?;
             }
             // A generation where the metric is undefined (the Zipf fit of a corpus with too few
             // word types) gets a dash, so the columns stay aligned.
-            for cell in by_generation(&aggregate(members, key), gens) {
+            for cell in by_generation(&aggregate(members, metric), gens) {
                 write_cell(&mut html, &mut md, cell, members.len())?;
             }
             html.push_str("</tr>\n");
@@ -271,6 +331,26 @@ fn esc(s: &str) -> String {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn sweep_grids_count_each_setting_once() {
+        let axes = vec![
+            ("sample.temperature".to_string(), vec!["1".to_string(), "1.0".to_string(), "0.7".to_string()]),
+            ("recursion.regime".to_string(), vec!["\"replace\"".to_string()]),
+        ];
+        let runs = sweep_runs("smoke", &[], &axes, 2).unwrap();
+        let names: Vec<&str> = runs.iter().map(|(n, _)| n.as_str()).collect();
+        assert_eq!(
+            names,
+            ["t1-replace-seed0", "t1-replace-seed1", "t0.7-replace-seed0", "t0.7-replace-seed1"]
+        );
+        assert_eq!(runs[3].1.seed, 1);
+        let beam = vec![("sample.beam".to_string(), vec!["0".to_string(), "5".to_string()])];
+        let names: Vec<String> =
+            sweep_runs("smoke", &[], &beam, 1).unwrap().into_iter().map(|r| r.0).collect();
+        assert_eq!(names, ["beam=0-seed0", "beam=5-seed0"]);
+        assert!(sweep_runs("smoke", &[], &[("sample.top_p".into(), vec!["2".into()])], 1).is_err());
+    }
 
     #[test]
     fn confidence_interval_uses_student_t() {

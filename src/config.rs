@@ -2,7 +2,6 @@
 //! overrides, as nanoGPT layers them. Every key must already exist in the preset (an unknown key is an
 //! error) and every value must have the key's type; errors name the key and where it came from.
 
-use crate::model::ModelConfig;
 use anyhow::{Context, Result};
 use serde::{Deserialize, Serialize};
 use serde_json::Value;
@@ -16,6 +15,136 @@ pub struct UsageError(pub String);
 /// Shorthand for returning a [`UsageError`].
 pub fn usage<T>(msg: impl Into<String>) -> Result<T> {
     Err(UsageError(msg.into()).into())
+}
+
+/// The architecture. `vocab_size` is the tokenizer's; `ctx` the longest sequence the model sees.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ModelConfig {
+    pub vocab_size: usize,
+    pub ctx: usize,
+    pub d_model: usize,
+    pub n_layer: usize,
+    pub n_head: usize,
+    /// Dropout on attention output, MLP output and embeddings while training (0 = off).
+    pub dropout: f64,
+}
+
+/// Upper bounds on sizes: beyond them a run cannot fit in memory or finish, and an allocation
+/// would abort the process instead of giving a message.
+pub mod limits {
+    pub const VOCAB: usize = 1 << 20;
+    pub const CTX: usize = 8192;
+    pub const D_MODEL: usize = 16384;
+    pub const N_LAYER: usize = 256;
+    pub const BATCH: usize = 1 << 16;
+    pub const GENERATIONS: usize = 1000;
+    pub const BEAM: usize = 64;
+    pub const EPOCHS: f64 = 1e4;
+    pub const STEPS: usize = 1 << 30;
+}
+
+impl ModelConfig {
+    /// Ranges, with messages that name the key.
+    pub fn validate(&self) -> std::result::Result<(), String> {
+        let sizes = [
+            ("model.vocab_size", self.vocab_size, limits::VOCAB),
+            ("model.ctx", self.ctx, limits::CTX),
+            ("model.d_model", self.d_model, limits::D_MODEL),
+            ("model.n_layer", self.n_layer, limits::N_LAYER),
+            ("model.n_head", self.n_head, self.d_model.max(1)),
+        ];
+        for (name, v, max) in sizes {
+            if !(1..=max).contains(&v) {
+                return Err(must(name, &format!("in [1, {max}]"), v));
+            }
+        }
+        if !self.d_model.is_multiple_of(self.n_head) {
+            return Err(format!(
+                "model.d_model ({}) must be a multiple of model.n_head ({})",
+                self.d_model, self.n_head
+            ));
+        }
+        if !(0.0..1.0).contains(&self.dropout) {
+            return Err(must("model.dropout", "in [0, 1)", self.dropout));
+        }
+        Ok(())
+    }
+}
+
+/// How one token is chosen from a row of logits (see [`crate::sampler`]).
+#[derive(Debug, Clone, Copy, PartialEq, Serialize, Deserialize)]
+pub struct SamplerSettings {
+    /// Softmax temperature; `0` means greedy (argmax, no randomness).
+    pub temperature: f32,
+    /// Keep only the `top_k` most probable tokens; `0` (or `>= vocab`) is off.
+    pub top_k: usize,
+    /// Nucleus sampling: keep the smallest set of most probable tokens whose
+    /// probability adds up to at least `top_p`; `1` is off.
+    pub top_p: f32,
+    /// CTRL-style penalty on tokens already in the context; `1` is off.
+    pub repetition_penalty: f32,
+}
+
+impl Default for SamplerSettings {
+    /// Plain ancestral sampling: temperature 1, no filtering, no penalty.
+    fn default() -> Self {
+        Self { temperature: 1.0, top_k: 0, top_p: 1.0, repetition_penalty: 1.0 }
+    }
+}
+
+impl SamplerSettings {
+    /// Greedy decoding: always the most probable token.
+    pub const GREEDY: Self = Self { temperature: 0.0, top_k: 0, top_p: 1.0, repetition_penalty: 1.0 };
+
+    /// Checks the ranges; the error names the setting and its flag, e.g.
+    /// `--temperature (sample.temperature) must be >= 0, got -1`.
+    pub fn validate(&self) -> std::result::Result<(), String> {
+        let Self {
+            temperature,
+            top_k: _, // every usize is valid: 0 is off, >= vocab is off
+            top_p,
+            repetition_penalty,
+        } = *self;
+        if !(temperature.is_finite() && temperature >= 0.0) {
+            return Err(must("sample.temperature", ">= 0 (0 = greedy)", temperature));
+        }
+        if !(top_p > 0.0 && top_p <= 1.0) {
+            return Err(must("sample.top_p", "in (0, 1] (1 = off)", top_p));
+        }
+        if !(repetition_penalty.is_finite() && repetition_penalty > 0.0) {
+            return Err(must("sample.repetition_penalty", "> 0 (1 = off)", repetition_penalty));
+        }
+        Ok(())
+    }
+}
+
+/// The settings that have a command-line flag of their own, (flag, key): `run` turns the flags
+/// into these keys, and errors name both.
+pub const FLAGS: [(&str, &str); 10] = [
+    ("--generations", "recursion.generations"),
+    ("--regime", "recursion.regime"),
+    ("--real-fraction", "recursion.real_fraction"),
+    ("--prompt-mode", "recursion.prompt_mode"),
+    ("--init", "recursion.init"),
+    ("--temperature", "sample.temperature"),
+    ("--top-k", "sample.top_k"),
+    ("--top-p", "sample.top_p"),
+    ("--beam", "sample.beam"),
+    ("--repetition-penalty", "sample.repetition_penalty"),
+];
+
+/// How messages name a setting: `--flag (key)` when it has a flag, else the key.
+pub fn setting_name(key: &str) -> String {
+    match FLAGS.iter().find(|(_, k)| *k == key) {
+        Some((flag, _)) => format!("{flag} ({key})"),
+        None => key.to_string(),
+    }
+}
+
+/// "`setting` must be `expected`, got `got`".
+fn must(key: &str, expected: &str, got: impl std::fmt::Display) -> String {
+    format!("{} must be {expected}, got {got}", setting_name(key))
 }
 
 /// Which part of wikitext-2 is used, and how it is cut.
@@ -77,8 +206,8 @@ pub struct SampleConfig {
 }
 
 impl SampleConfig {
-    pub fn sampler(&self) -> crate::sampler::SamplerSettings {
-        crate::sampler::SamplerSettings {
+    pub fn sampler(&self) -> SamplerSettings {
+        SamplerSettings {
             temperature: self.temperature,
             top_k: self.top_k,
             top_p: self.top_p,
@@ -304,45 +433,68 @@ impl Config {
         Ok(cfg)
     }
 
-    /// Range checks that serde's types cannot express.
+    /// Range checks that serde's types cannot express, one message per mistake naming the setting
+    /// (and its flag when it has one). The only place settings are checked: `run`'s flags, `--set`,
+    /// config files and `run.json` all come through here.
     pub fn validate(&self) -> Result<()> {
         self.model.validate().map_err(UsageError)?;
         let t = &self.train;
-        let positive = [
-            ("train.batch_size", t.batch_size),
-            ("train.eval_interval", t.eval_interval),
-            ("data.block_size", self.data.block_size),
+        let sizes = [
+            ("train.batch_size", t.batch_size, 1, limits::BATCH),
+            ("train.eval_interval", t.eval_interval, 1, limits::STEPS),
+            ("train.max_steps", t.max_steps, 0, limits::STEPS),
+            ("train.warmup_steps", t.warmup_steps, 0, limits::STEPS),
+            ("data.block_size", self.data.block_size, 1, limits::CTX),
+            ("sample.batch_size", self.sample.batch_size, 1, limits::BATCH),
+            ("sample.beam", self.sample.beam, 0, limits::BEAM.min(self.model.vocab_size)),
+            ("recursion.generations", self.recursion.generations, 1, limits::GENERATIONS),
         ];
-        for (name, v) in positive {
-            if v == 0 {
-                return usage(format!("{name} must be at least 1"));
+        for (name, v, min, max) in sizes {
+            if !(min..=max).contains(&v) {
+                return usage(must(name, &format!("in [{min}, {max}]"), v));
             }
         }
         let checks = [
-            ("train.lr", t.lr > 0.0 && t.lr.is_finite(), "> 0"),
-            ("train.min_lr", t.min_lr >= 0.0 && t.min_lr <= t.lr, "in [0, train.lr]"),
-            ("train.epochs", t.epochs > 0.0 && t.epochs.is_finite(), "> 0"),
-            ("train.weight_decay", t.weight_decay >= 0.0, ">= 0"),
-            ("train.beta1", (0.0..1.0).contains(&t.beta1), "in [0, 1)"),
-            ("train.beta2", (0.0..1.0).contains(&t.beta2), "in [0, 1)"),
-            ("train.grad_clip", t.grad_clip >= 0.0, ">= 0 (0 = off)"),
+            ("train.lr", t.lr > 0.0 && t.lr.is_finite(), "> 0".to_string(), t.lr),
+            (
+                "train.min_lr",
+                t.min_lr >= 0.0 && t.min_lr <= t.lr,
+                format!("in [0, train.lr = {}]", t.lr),
+                t.min_lr,
+            ),
+            (
+                "train.epochs",
+                t.epochs > 0.0 && t.epochs <= limits::EPOCHS,
+                format!("in (0, {}]", limits::EPOCHS),
+                t.epochs,
+            ),
+            (
+                "train.weight_decay",
+                t.weight_decay >= 0.0 && t.weight_decay.is_finite(),
+                ">= 0".into(),
+                t.weight_decay,
+            ),
+            ("train.beta1", (0.0..1.0).contains(&t.beta1), "in [0, 1)".into(), t.beta1),
+            ("train.beta2", (0.0..1.0).contains(&t.beta2), "in [0, 1)".into(), t.beta2),
+            (
+                "train.grad_clip",
+                t.grad_clip >= 0.0 && t.grad_clip.is_finite(),
+                ">= 0 (0 = off)".into(),
+                t.grad_clip,
+            ),
+            (
+                "recursion.real_fraction",
+                (0.0..=1.0).contains(&self.recursion.real_fraction),
+                "in [0, 1]".into(),
+                self.recursion.real_fraction,
+            ),
         ];
-        for (name, ok, expected) in checks {
+        for (name, ok, expected, got) in checks {
             if !ok {
-                return usage(format!("{name} must be {expected}"));
+                return usage(must(name, &expected, got));
             }
         }
         self.sample.sampler().validate().map_err(UsageError)?;
-        if self.sample.batch_size == 0 {
-            return usage("sample.batch_size must be at least 1");
-        }
-        let r = &self.recursion;
-        if r.generations == 0 {
-            return usage("--generations must be at least 1");
-        }
-        if !(0.0..=1.0).contains(&r.real_fraction) {
-            return usage(format!("--real-fraction must be in [0, 1], got {}", r.real_fraction));
-        }
         if 2 * self.data.block_size > self.model.ctx + 1 {
             return usage(format!(
                 "data.block_size ({}) is too large for model.ctx ({}): a prompt block and its continuation must fit",
@@ -369,6 +521,9 @@ fn flatten(prefix: &str, v: &Value, out: &mut Vec<(String, Value)>) {
 /// Replaces the leaf at dotted `key`; the key must exist and the new value must keep the config
 /// deserialisable (so a wrong type is reported here, with `origin` naming where it came from).
 fn set_key(root: &mut Value, key: &str, new: Value, origin: &str) -> Result<()> {
+    if key == "preset" {
+        return usage(format!("{origin}: the preset is chosen with --preset, not set"));
+    }
     let known = known_keys(root);
     let mut slot = &mut *root;
     for part in key.split('.') {

@@ -68,7 +68,7 @@ pub fn read_text_lines(path: &Path) -> Result<Vec<String>> {
     Ok(lines)
 }
 
-/// Words as SPEC §2 counts them for word perplexity: whitespace-separated words plus one end-of-line
+/// Words as word perplexity counts them: whitespace-separated words plus one end-of-line
 /// per non-empty line (the token that ends each line in both the GPT's stream and the KN bigram).
 pub fn words_with_eol<S: AsRef<str>>(lines: &[S]) -> usize {
     lines.iter().map(|l| l.as_ref().split_whitespace().count()).filter(|&n| n > 0).map(|n| n + 1).sum()

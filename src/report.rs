@@ -2,13 +2,13 @@
 //! self-contained `report.html` (inline SVG and CSS, no external reference) with the metrics table,
 //! sample texts, lineages and the run's settings.
 
+use crate::files::{create_dir, write_atomic};
 use crate::metrics::corpus::rank_frequency;
 use crate::metrics::ppl_bin_edges;
-use crate::recursion::{load_state, read_corpus, CorpusRecord, RunState, CORPUS, METRICS_JSONL};
-use crate::run_dir::{create_dir, write_atomic};
-use anyhow::{anyhow, Context, Result};
+use crate::metrics::registry::{Metric, Plot, Row, RowId, Value};
+use crate::recursion::run_dir::{load_state, read_corpus, read_rows, CorpusRecord, RunState, CORPUS};
+use anyhow::{anyhow, Result};
 use plotters::prelude::*;
-use serde_json::Value;
 use std::fmt::Write as _;
 use std::path::Path;
 
@@ -157,26 +157,24 @@ fn sig3(v: f64) -> String {
     }
 }
 
-fn rows(run: &Path) -> Result<Vec<Value>> {
-    let path = run.join(METRICS_JSONL);
-    let text = std::fs::read_to_string(&path).with_context(|| format!("cannot read {}", path.display()))?;
-    text.lines()
-        .map(|l| serde_json::from_str(l).with_context(|| format!("{}: not JSON", path.display())))
-        .collect()
+fn generation_rows(rows: &[Row]) -> Vec<(usize, &Row)> {
+    rows.iter().filter_map(|r| r.generation().map(|g| (g, r))).collect()
 }
 
-fn generation_rows(rows: &[Value]) -> Vec<(usize, &Value)> {
-    rows.iter().filter_map(|r| r["generation"].as_u64().map(|g| (g as usize, r))).collect()
+/// The metrics the registry draws in `plot`.
+fn plotted(plot: Plot) -> Vec<Metric> {
+    Metric::ALL.iter().copied().filter(|m| m.def().plot == Some(plot)).collect()
 }
 
-/// Per generation, one series per metric key.
-fn per_generation(rows: &[Value], keys: &[&str]) -> Vec<Series> {
-    keys.iter()
-        .map(|k| Series {
-            label: k.to_string(),
+/// Per generation, one series per metric.
+fn per_generation(rows: &[Row], metrics: &[Metric]) -> Vec<Series> {
+    metrics
+        .iter()
+        .map(|&m| Series {
+            label: m.key().to_string(),
             points: generation_rows(rows)
                 .iter()
-                .filter_map(|(g, r)| r[*k].as_f64().map(|v| (*g as f64, v)))
+                .filter_map(|(g, r)| r.get(m).map(|v| (*g as f64, v)))
                 .collect(),
             dashed: false,
             band: None,
@@ -195,48 +193,39 @@ fn reference(label: &str, value: Option<f64>, generations: usize) -> Option<Seri
 }
 
 /// The plots of a run, as (file stem, title, SVG).
-pub fn plots(run: &Path, state: &RunState, rows: &[Value]) -> Result<Vec<(String, String, String)>> {
+pub fn plots(run: &Path, state: &RunState, rows: &[Row]) -> Result<Vec<(String, String, String)>> {
     let n = state.generations.len();
-    let real = rows.iter().find(|r| r["generation"] == "real");
-    let gen0 = generation_rows(rows).into_iter().find(|(g, _)| *g == 0).map(|(_, r)| r);
+    let real = rows.iter().find(|r| r.id == RowId::Real);
+    let gen0 = rows.iter().find(|r| r.id == RowId::Generation(0));
     let mut out = Vec::new();
     let axes = |title, y, log_y| Axes { title, x: "generation", y, log_x: false, log_y };
 
-    let mut s = per_generation(rows, &["test_ppl", "test_ppl_rare", "test_ppl_common"]);
-    s.extend(reference("generation 0", gen0.and_then(|r| r["test_ppl"].as_f64()), n));
+    let mut s = per_generation(rows, &plotted(Plot::TestPpl));
+    s.extend(reference("generation 0", gen0.and_then(|r| r.get(Metric::TestPpl)), n));
     out.push((
         "test_ppl",
         "Token perplexity on the real test split",
         line_chart(&axes("Token perplexity on the real test split", "perplexity (log)", true), &s)?,
     ));
 
-    let mut s = per_generation(rows, &["test_word_ppl"]);
-    s.extend(reference("generation 0", gen0.and_then(|r| r["test_word_ppl"].as_f64()), n));
-    s.extend(reference("KN bigram", real.and_then(|r| r["kn_bigram_test_word_ppl"].as_f64()), n));
-    s.extend(reference("unigram", real.and_then(|r| r["unigram_test_word_ppl"].as_f64()), n));
+    let mut s = per_generation(rows, &plotted(Plot::WordPpl));
+    s.extend(reference("generation 0", gen0.and_then(|r| r.get(Metric::TestWordPpl)), n));
+    s.extend(reference("KN bigram", real.and_then(|r| r.get(Metric::KnBigramTestWordPpl)), n));
+    s.extend(reference("unigram", real.and_then(|r| r.get(Metric::UnigramTestWordPpl)), n));
     out.push((
         "test_word_ppl",
         "Word perplexity on the real test split",
         line_chart(&axes("Word perplexity on the real test split", "perplexity (log)", true), &s)?,
     ));
 
-    let s = per_generation(rows, &["ttr_at_n", "mattr", "distinct_1", "distinct_2", "distinct_3"]);
+    let s = per_generation(rows, &plotted(Plot::Diversity));
     out.push((
         "diversity",
         "Diversity of each generation's text",
         line_chart(&axes("Diversity of each generation's text", "ratio", false), &s)?,
     ));
 
-    let keys = [
-        "rare_ngram_recall_1",
-        "rare_ngram_recall_2",
-        "rare_ngram_recall_3",
-        "common_ngram_recall_1",
-        "common_ngram_recall_2",
-        "novel_trigram_rate",
-        "unigram_js",
-    ];
-    let s = per_generation(rows, &keys);
+    let s = per_generation(rows, &plotted(Plot::Tails));
     out.push((
         "tails",
         "Tails: rare n-gram recall (common as control), novelty, divergence",
@@ -246,12 +235,12 @@ pub fn plots(run: &Path, state: &RunState, rows: &[Value]) -> Result<Vec<(String
     // Shumailov's Fig. 1: every sequence scored by generation 0, share per log-spaced bin.
     let edges = ppl_bin_edges();
     let centers: Vec<f64> = edges.windows(2).map(|w| (w[0] * w[1]).sqrt()).collect();
-    let hist = |label: String, r: &Value, dashed: bool| -> Option<Series> {
-        let h: Vec<f64> = r["gen0_seq_ppl_hist"].as_array()?.iter().filter_map(Value::as_f64).collect();
-        let total: f64 = h.iter().sum();
+    let hist = |label: String, r: &Row, dashed: bool| -> Option<Series> {
+        let h = r.hist(Metric::Gen0SeqPplHist)?;
+        let total: f64 = h.iter().map(|&x| x as f64).sum();
         (total > 0.0).then(|| Series {
             label,
-            points: centers.iter().zip(&h).map(|(&c, &v)| (c, v / total)).collect(),
+            points: centers.iter().zip(h).map(|(&c, &v)| (c, v as f64 / total)).collect(),
             dashed,
             band: None,
         })
@@ -328,41 +317,22 @@ pub fn inline_svg(svg: &str) -> String {
     body.replace(" xmlns=\"http://www.w3.org/2000/svg\"", "")
 }
 
-const TABLE_KEYS: [&str; 15] = [
-    "generation",
-    "test_ppl",
-    "test_word_ppl",
-    "test_ppl_rare",
-    "valid_ppl",
-    "ttr_at_n",
-    "mattr",
-    "distinct_2",
-    "rare_ngram_recall_1",
-    "rare_ngram_recall_3",
-    "common_ngram_recall_1",
-    "novel_trigram_rate",
-    "unigram_js",
-    "gen0_seq_ppl_p50",
-    "stage",
-];
-
-fn cell(v: &Value) -> String {
+/// One cell of the report's table.
+fn cell(v: Option<&Value>) -> String {
     match v {
-        Value::Number(n) => match n.as_f64() {
-            Some(x) if n.is_f64() && x.abs() >= 100.0 => format!("{x:.1}"),
-            Some(x) if n.is_f64() => format!("{x:.4}"),
-            _ => n.to_string(),
-        },
-        Value::String(s) => esc(s),
-        Value::Null => "–".into(),
-        other => esc(&other.to_string()),
+        Some(Value::Float(x)) if x.is_nan() => "–".into(),
+        Some(Value::Float(x)) if x.abs() >= 100.0 => format!("{x:.1}"),
+        Some(Value::Float(x)) => format!("{x:.4}"),
+        Some(Value::Count(n)) => n.to_string(),
+        Some(Value::Text(s)) => esc(s),
+        _ => "–".into(),
     }
 }
 
 /// Writes `plots/*.svg` and `report.html` for the run in `run`.
 pub fn write_report(run: &Path) -> Result<()> {
     let state = load_state(run)?;
-    let rows = rows(run)?;
+    let rows = read_rows(run)?;
     let plots = plots(run, &state, &rows)?;
     let dir = run.join("plots");
     create_dir(&dir)?;
@@ -410,15 +380,20 @@ pub fn write_report(run: &Path) -> Result<()> {
         esc(&state.crate_version),
         esc(&state.tokenizer_sha256[..16.min(state.tokenizer_sha256.len())])
     )?;
-    html.push_str("<h2>Metrics</h2>\n<div style=\"overflow-x:auto\"><table><tr>");
-    for k in TABLE_KEYS {
-        write!(html, "<th>{}</th>", esc(k))?;
+    let columns: Vec<Metric> = Metric::ALL.iter().copied().filter(|m| m.def().report).collect();
+    html.push_str("<h2>Metrics</h2>\n<div style=\"overflow-x:auto\"><table><tr><th>generation</th>");
+    for m in &columns {
+        write!(html, "<th title=\"{}\">{}</th>", esc(m.def().description), esc(m.key()))?;
     }
     html.push_str("</tr>\n");
     for row in &rows {
-        html.push_str("<tr>");
-        for k in TABLE_KEYS {
-            write!(html, "<td>{}</td>", cell(&row[k]))?;
+        let id = match row.id {
+            RowId::Real => "real".to_string(),
+            RowId::Generation(g) => g.to_string(),
+        };
+        write!(html, "<tr><td>{id}</td>")?;
+        for &m in &columns {
+            write!(html, "<td>{}</td>", cell(row.value(m)))?;
         }
         html.push_str("</tr>\n");
     }

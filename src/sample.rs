@@ -4,11 +4,9 @@
 //! Every prompt has its own RNG stream (seeded from the run seed, the generation and the prompt id),
 //! so a sequence's text does not depend on which other prompts share its batch.
 
-use crate::fast::{FastDecoder, Weights};
-use crate::model::{Gpt, KvCache};
+use crate::model::engine::{Decoder, Model};
 use crate::sampler::{beam_logprobs, beam_step, Sampler, SamplerSettings};
 use anyhow::{bail, Result};
-use candle_core::{Device, Tensor};
 use rand::SeedableRng;
 use rand_chacha::ChaCha8Rng;
 use rayon::prelude::*;
@@ -29,107 +27,47 @@ impl Decoding {
     }
 }
 
-/// Something that extends a batch of rows by some tokens and returns each row's next-token logits:
-/// the fast CPU decoder or candle's model with its KV cache.
-trait Decoder {
-    /// tokens: (rows, t) → logits (rows, V), row-major.
-    fn forward(&mut self, tokens: &[&[u32]]) -> Result<Vec<f32>>;
-    /// The new row i continues old row rows[i].
-    fn select_rows(&mut self, rows: &[usize]) -> Result<()>;
-}
-
-struct CandleDecoder<'a> {
-    model: &'a Gpt,
-    cache: KvCache,
-    dev: &'a Device,
-}
-
-impl Decoder for CandleDecoder<'_> {
-    fn forward(&mut self, tokens: &[&[u32]]) -> Result<Vec<f32>> {
-        let logits = self.model.forward_cached(&tensor(tokens, self.dev)?, &mut self.cache)?; // (B, V)
-        Ok(logits.flatten_all()?.to_vec1::<f32>()?)
-    }
-
-    fn select_rows(&mut self, rows: &[usize]) -> Result<()> {
-        let idx: Vec<u32> = rows.iter().map(|&r| r as u32).collect();
-        Ok(self.cache.select_rows(&Tensor::from_vec(idx, rows.len(), self.dev)?)?)
-    }
-}
-
-impl Decoder for FastDecoder<'_> {
-    fn forward(&mut self, tokens: &[&[u32]]) -> Result<Vec<f32>> {
-        let t = tokens[0].len();
-        let flat: Vec<u32> = tokens.iter().flat_map(|r| r.iter().copied()).collect();
-        Ok(FastDecoder::forward(self, &flat, t))
-    }
-
-    fn select_rows(&mut self, rows: &[usize]) -> Result<()> {
-        FastDecoder::select_rows(self, rows);
-        Ok(())
-    }
-}
-
-/// Runs `f` with the decoder for `model` on `dev`: the fast kernels on CPU (unless
-/// `COLLAPSE_LAB_REFERENCE` is set), candle's ops elsewhere.
-fn with_decoder<T>(
-    model: &Gpt,
-    rows: usize,
-    dev: &Device,
-    f: impl FnOnce(&mut dyn Decoder) -> Result<T>,
-) -> Result<T> {
-    if dev.is_cpu() && std::env::var_os("COLLAPSE_LAB_REFERENCE").is_none() {
-        let w = Weights::from_gpt(model)?;
-        f(&mut FastDecoder::new(&model.cfg, &w, rows))
-    } else {
-        f(&mut CandleDecoder { model, cache: KvCache::new(model.cfg.n_layer), dev })
-    }
-}
-
-fn tensor(rows: &[&[u32]], dev: &Device) -> Result<Tensor> {
-    let t = rows[0].len();
-    if rows.iter().any(|r| r.len() != t) {
-        bail!("all prompts of a batch must have the same length");
-    }
-    let flat: Vec<u32> = rows.iter().flat_map(|r| r.iter().copied()).collect();
-    Ok(Tensor::from_vec(flat, (rows.len(), t), dev)?)
-}
-
 /// Continues every prompt (all of one length) by exactly `new_tokens` tokens. `seeds[i]` seeds the
 /// RNG of prompt i (unused by greedy decoding and beam search, which are deterministic).
 pub fn generate(
-    model: &Gpt,
+    model: &Model,
     prompts: &[&[u32]],
     new_tokens: usize,
     decoding: &Decoding,
     seeds: &[u64],
-    dev: &Device,
 ) -> Result<Vec<Vec<u32>>> {
     if prompts.is_empty() || new_tokens == 0 {
         return Ok(vec![Vec::new(); prompts.len()]);
     }
+    let cfg = model.cfg();
     let need = prompts[0].len() + new_tokens - 1;
-    if need > model.cfg.ctx {
+    if need > cfg.ctx {
         bail!(
             "a prompt of {} tokens plus {new_tokens} new tokens needs a context of {need}, the model has {}",
             prompts[0].len(),
-            model.cfg.ctx
+            cfg.ctx
         );
     }
-    let vocab = model.cfg.vocab_size;
     if prompts.iter().any(|p| p.len() != prompts[0].len()) {
         bail!("all prompts of a batch must have the same length");
     }
+    let vocab = cfg.vocab_size;
     if decoding.beam > 1 {
-        with_decoder(model, prompts.len(), dev, |d| beam_generate(d, vocab, prompts, new_tokens, decoding))
+        beam_generate(&mut model.decoder(prompts.len()), vocab, prompts, new_tokens, decoding)
     } else {
-        with_decoder(model, prompts.len(), dev, |d| {
-            sample_generate(d, vocab, prompts, new_tokens, &decoding.sampler, seeds)
-        })
+        sample_generate(
+            &mut model.decoder(prompts.len()),
+            vocab,
+            prompts,
+            new_tokens,
+            &decoding.sampler,
+            seeds,
+        )
     }
 }
 
 fn sample_generate(
-    dec: &mut dyn Decoder,
+    dec: &mut Decoder,
     vocab: usize,
     prompts: &[&[u32]],
     new_tokens: usize,
@@ -173,7 +111,7 @@ fn sample_generate(
 /// Fixed-length beam search for every prompt at once: B prompts × W beams are the rows of one
 /// batch, and the KV cache is reordered after each step to follow the surviving beams.
 fn beam_generate(
-    dec: &mut dyn Decoder,
+    dec: &mut Decoder,
     vocab: usize,
     prompts: &[&[u32]],
     new_tokens: usize,
@@ -233,15 +171,24 @@ fn beam_generate(
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::model::{init_model, ModelConfig};
+    use crate::model::candle::Gpt;
+    use crate::model::{fast, init_weights, ModelConfig};
     use crate::sampler::StepModel;
+    use candle_core::{Device, Tensor};
 
-    fn model() -> Gpt {
-        let cfg = ModelConfig { vocab_size: 13, ctx: 12, d_model: 16, n_layer: 1, n_head: 2, dropout: 0.0 };
-        init_model(&cfg, 9, &Device::Cpu).unwrap().0.detached()
+    fn cfg() -> ModelConfig {
+        ModelConfig { vocab_size: 13, ctx: 12, d_model: 16, n_layer: 1, n_head: 2, dropout: 0.0 }
     }
 
-    /// The real model as a [`StepModel`] without a cache: the reference the batched code must match.
+    fn model() -> Model {
+        Model::Fast(fast::Model::new(&cfg(), &init_weights(&cfg(), 9)))
+    }
+
+    fn reference() -> Gpt {
+        Gpt::new(&cfg(), &init_weights(&cfg(), 9), &Device::Cpu).unwrap()
+    }
+
+    /// The candle model as a [`StepModel`] without a cache: the reference the batched code must match.
     struct Uncached<'a>(&'a Gpt);
 
     impl StepModel for Uncached<'_> {
@@ -262,11 +209,11 @@ mod tests {
         let m = model();
         let d = Decoding { sampler: SamplerSettings::default(), beam: 0 };
         let (p1, p2): (&[u32], &[u32]) = (&[1, 2, 3], &[4, 5, 6]);
-        let both = generate(&m, &[p1, p2], 6, &d, &[11, 12], &Device::Cpu).unwrap();
-        let alone = generate(&m, &[p2], 6, &d, &[12], &Device::Cpu).unwrap();
+        let both = generate(&m, &[p1, p2], 6, &d, &[11, 12]).unwrap();
+        let alone = generate(&m, &[p2], 6, &d, &[12]).unwrap();
         assert_eq!(both[1], alone[0]);
         assert_eq!(both[0].len(), 6);
-        let again = generate(&m, &[p1, p2], 6, &d, &[11, 12], &Device::Cpu).unwrap();
+        let again = generate(&m, &[p1, p2], 6, &d, &[11, 12]).unwrap();
         assert_eq!(both, again, "same seeds, same tokens");
     }
 
@@ -274,9 +221,10 @@ mod tests {
     fn greedy_generation_follows_the_uncached_argmax() {
         let m = model();
         let d = Decoding { sampler: SamplerSettings { temperature: 0.0, ..Default::default() }, beam: 0 };
-        let got = generate(&m, &[&[7, 3]], 5, &d, &[0], &Device::Cpu).unwrap();
+        let got = generate(&m, &[&[7, 3]], 5, &d, &[0]).unwrap();
         let mut seq = vec![7u32, 3];
-        let mut reference = Uncached(&m);
+        let gpt = reference();
+        let mut reference = Uncached(&gpt);
         for _ in 0..5 {
             let l = reference.next_logits(std::slice::from_ref(&seq)).remove(0);
             seq.push(crate::sampler::argmax(&l));
@@ -289,12 +237,8 @@ mod tests {
         let m = model();
         let d = Decoding { sampler: SamplerSettings::default(), beam: 0 };
         let prompts: [&[u32]; 3] = [&[1, 2, 3], &[4, 5, 6], &[7, 8, 9]];
-        let fast = with_decoder(&m, 3, &Device::Cpu, |dec| {
-            sample_generate(dec, 13, &prompts, 8, &d.sampler, &[1, 2, 3])
-        })
-        .unwrap();
-        let mut dec = CandleDecoder { model: &m, cache: KvCache::new(1), dev: &Device::Cpu };
-        let reference = sample_generate(&mut dec, 13, &prompts, 8, &d.sampler, &[1, 2, 3]).unwrap();
+        let fast = generate(&m, &prompts, 8, &d, &[1, 2, 3]).unwrap();
+        let reference = generate(&Model::Candle(reference()), &prompts, 8, &d, &[1, 2, 3]).unwrap();
         assert_eq!(fast, reference);
     }
 
@@ -303,9 +247,10 @@ mod tests {
         let m = model();
         let d = Decoding { sampler: SamplerSettings::default(), beam: 3 };
         let prompts: [&[u32]; 2] = [&[1, 2], &[9, 4]];
-        let got = generate(&m, &prompts, 5, &d, &[0, 0], &Device::Cpu).unwrap();
+        let got = generate(&m, &prompts, 5, &d, &[0, 0]).unwrap();
+        let gpt = reference();
         for (p, g) in prompts.iter().zip(&got) {
-            let want = crate::sampler::beam_search(&mut Uncached(&m), p, 5, 3, 1.0);
+            let want = crate::sampler::beam_search(&mut Uncached(&gpt), p, 5, 3, 1.0);
             assert_eq!(g, &want, "prompt {p:?}");
         }
     }

@@ -23,55 +23,7 @@
 use rand::Rng;
 use std::cmp::Ordering;
 
-/// How [`choose`] turns logits into one token.
-#[derive(Debug, Clone, Copy, PartialEq, serde::Serialize, serde::Deserialize)]
-pub struct SamplerSettings {
-    /// Softmax temperature; `0` means greedy (argmax, no randomness).
-    pub temperature: f32,
-    /// Keep only the `top_k` most probable tokens; `0` (or `>= vocab`) is off.
-    pub top_k: usize,
-    /// Nucleus sampling: keep the smallest set of most probable tokens whose
-    /// probability adds up to at least `top_p`; `1` is off.
-    pub top_p: f32,
-    /// CTRL-style penalty on tokens already in the context; `1` is off.
-    pub repetition_penalty: f32,
-}
-
-impl Default for SamplerSettings {
-    /// Plain ancestral sampling: temperature 1, no filtering, no penalty.
-    fn default() -> Self {
-        Self { temperature: 1.0, top_k: 0, top_p: 1.0, repetition_penalty: 1.0 }
-    }
-}
-
-impl SamplerSettings {
-    /// Greedy decoding: always the most probable token.
-    pub const GREEDY: Self = Self { temperature: 0.0, top_k: 0, top_p: 1.0, repetition_penalty: 1.0 };
-
-    /// Checks the ranges; the error names the command-line flag, e.g.
-    /// `--temperature must be >= 0, got -1`.
-    pub fn validate(&self) -> Result<(), String> {
-        let Self {
-            temperature,
-            top_k: _, // every usize is valid: 0 is off, >= vocab is off
-            top_p,
-            repetition_penalty,
-        } = *self;
-        if !temperature.is_finite() {
-            return Err(format!("--temperature must be a finite number >= 0, got {temperature}"));
-        }
-        if temperature < 0.0 {
-            return Err(format!("--temperature must be >= 0, got {temperature}"));
-        }
-        if !(top_p > 0.0 && top_p <= 1.0) {
-            return Err(format!("--top-p must be in (0, 1], got {top_p}"));
-        }
-        if !(repetition_penalty.is_finite() && repetition_penalty > 0.0) {
-            return Err(format!("--repetition-penalty must be > 0 and finite, got {repetition_penalty}"));
-        }
-        Ok(())
-    }
-}
+pub use crate::config::SamplerSettings;
 
 /// Numerically stable softmax, in place (the maximum is subtracted before
 /// `exp`). All `-inf` gives the uniform distribution; `+inf` entries share
@@ -234,14 +186,14 @@ impl Sampler {
 /// the `+inf` entries of a row become ones with everything else zero (the
 /// limits of the softmax in those cases). NaNs are ignored by the maximum.
 fn exp_weights(x: &mut [f32], temperature: f32) {
-    let max = crate::fast::max(x);
+    let max = crate::model::kernels::max(x);
     if max.is_infinite() {
         for v in x.iter_mut() {
             *v = if *v == max { 1.0 } else { 0.0 };
         }
     } else {
         for v in x.iter_mut() {
-            *v = crate::fast::fast_exp((*v - max) / temperature);
+            *v = crate::model::kernels::fast_exp((*v - max) / temperature);
         }
     }
 }
@@ -723,7 +675,10 @@ mod tests {
         assert_eq!(settings(0.7, 40, 0.95).validate(), Ok(()));
         let d = SamplerSettings::default();
         let err = |s: SamplerSettings| s.validate().unwrap_err();
-        assert_eq!(err(SamplerSettings { temperature: -1.0, ..d }), "--temperature must be >= 0, got -1");
+        assert_eq!(
+            err(SamplerSettings { temperature: -1.0, ..d }),
+            "--temperature (sample.temperature) must be >= 0 (0 = greedy), got -1"
+        );
         assert!(err(SamplerSettings { temperature: f32::NAN, ..d }).starts_with("--temperature "));
         assert!(err(SamplerSettings { temperature: f32::INFINITY, ..d }).starts_with("--temperature "));
         assert!(err(SamplerSettings { top_p: 0.0, ..d }).starts_with("--top-p "));

@@ -7,7 +7,6 @@
 //! followed by [`EOT`], the boundary that blocks cross and that free sampling starts from.
 
 use anyhow::{bail, Context, Result};
-use sha2::{Digest, Sha256};
 use std::path::Path;
 use tokenizers::decoders::byte_level::ByteLevel as ByteLevelDecoder;
 use tokenizers::models::bpe::{BpeTrainerBuilder, BPE};
@@ -80,7 +79,7 @@ impl Tokenizer {
 
     /// sha256 of the JSON text, recorded in run files to pin the frozen tokenizer.
     pub fn sha256(&self) -> String {
-        hex(&Sha256::digest(self.json.as_bytes()))
+        crate::files::sha256_hex(self.json.as_bytes())
     }
 
     pub fn vocab_size(&self) -> usize {
@@ -155,11 +154,6 @@ impl Tokenizer {
         }
         out
     }
-}
-
-/// Lower-case hex of a digest.
-pub fn hex(bytes: &[u8]) -> String {
-    bytes.iter().map(|b| format!("{b:02x}")).collect()
 }
 
 #[cfg(test)]

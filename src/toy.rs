@@ -5,10 +5,13 @@
 //! milliseconds, so it shows the mechanism before any GPT is trained.
 
 use crate::config::Regime;
+use crate::report::{line_chart, Axes, Series};
+use anyhow::Result;
 use rand::SeedableRng;
 use rand_chacha::ChaCha8Rng;
 use rand_distr::{Distribution, Normal};
 use serde::Serialize;
+use std::path::{Path, PathBuf};
 
 /// The fit of one generation.
 #[derive(Debug, Clone, Copy, Serialize, PartialEq)]
@@ -69,6 +72,34 @@ pub fn gaussian(
         };
     }
     out
+}
+
+/// Writes `toy_gaussian_variance.svg` and `toy_gaussian_mean.svg` (one curve per seed) into `dir`;
+/// returns their paths.
+pub fn write_plots(runs: &[Vec<Fit>], regime: Regime, samples: usize, dir: &Path) -> Result<Vec<PathBuf>> {
+    crate::files::create_dir(dir)?;
+    let mut written = Vec::new();
+    for (stem, log_y) in [("variance", true), ("mean", false)] {
+        let series: Vec<Series> = runs
+            .iter()
+            .enumerate()
+            .map(|(s, fits)| Series {
+                label: format!("seed {s}"),
+                points: fits
+                    .iter()
+                    .map(|f| (f.generation as f64, if stem == "variance" { f.variance } else { f.mean }))
+                    .collect(),
+                dashed: false,
+                band: None,
+            })
+            .collect();
+        let title = format!("Gaussian toy, {regime:?}, N = {samples}: {stem} per generation");
+        let axes = Axes { title: &title, x: "generation", y: stem, log_x: false, log_y };
+        let path = dir.join(format!("toy_gaussian_{stem}.svg"));
+        crate::files::write_atomic(&path, line_chart(&axes, &series)?.as_bytes())?;
+        written.push(path);
+    }
+    Ok(written)
 }
 
 #[cfg(test)]

@@ -9,12 +9,12 @@
 
 use candle_core::{DType, Device, Tensor, D};
 use collapse_lab::config::{Config, TrainConfig};
-use collapse_lab::fast::{FastDecoder, FastGpt, Weights};
-use collapse_lab::metrics::perplexity::sequence_nlls;
-use collapse_lab::model::{init_model, seed_device, Dropout, Gpt, KvCache, ModelConfig};
+use collapse_lab::model::candle::{seed_device, Dropout, Gpt, KvCache};
+use collapse_lab::model::engine::{Engine, Model};
+use collapse_lab::model::score::sequence_nlls;
+use collapse_lab::model::{fast, init_weights, ModelConfig};
 use collapse_lab::sample::{generate, Decoding};
 use collapse_lab::sampler::SamplerSettings;
-use collapse_lab::train::{AdamW, Engine};
 use rand::{Rng, SeedableRng};
 use rand_chacha::ChaCha8Rng;
 
@@ -59,17 +59,23 @@ fn assert_close(what: &str, got: &[f32], want: &[f32]) {
 }
 
 /// Initial weights are drawn on the host from the seed, so every device starts from the same model.
-fn model_on(dev: &Device, seed: u64) -> Gpt {
-    init_model(&cfg(), seed, dev).unwrap().0.detached()
+/// On the CPU this is the fast engine (what CPU runs use), on CUDA candle's ops.
+fn model_on(dev: &Device, seed: u64) -> Model {
+    Engine::new(dev.clone()).load(&cfg(), &init_weights(&cfg(), seed)).unwrap()
+}
+
+/// The candle model on `dev` (the reference path on the CPU).
+fn candle_on(dev: &Device, seed: u64) -> Gpt {
+    Gpt::new(&cfg(), &init_weights(&cfg(), seed), dev).unwrap()
 }
 
 fn per_token_nll_matches_the_cpu_reference(dev: &Device) {
     let seqs = random_rows(5, 21, cfg().vocab_size, 1);
     let refs: Vec<&[u32]> = seqs.iter().map(Vec::as_slice).collect();
     // Device: what evaluation runs there (fast kernels on the CPU, candle's ops on CUDA).
-    let got: Vec<f32> = sequence_nlls(&model_on(dev, 7), &refs, 2, dev).unwrap().concat();
+    let got: Vec<f32> = sequence_nlls(&mut model_on(dev, 7).scorer(), &refs, 2).unwrap().concat();
     // Reference: candle's log-softmax of the full forward on the CPU.
-    let cpu = model_on(&Device::Cpu, 7);
+    let cpu = candle_on(&Device::Cpu, 7);
     let inputs: Vec<Vec<u32>> = seqs.iter().map(|s| s[..20].to_vec()).collect();
     let targets: Vec<Vec<u32>> = seqs.iter().map(|s| s[1..].to_vec()).collect();
     let logp =
@@ -96,12 +102,10 @@ fn kv_cache_logits_match_the_cpu_reference(dev: &Device) {
     // Device: candle's KV-cache forward (what sampling runs on CUDA): a 12-token prefill, then 6
     // single-token steps. Reference: the hand-written CPU decoder on the same weights and tokens.
     let rows = random_rows(3, 18, cfg().vocab_size, 2);
-    let model = model_on(dev, 9);
+    let model = candle_on(dev, 9);
     let mut cache = KvCache::new(cfg().n_layer);
-    let cpu = model_on(&Device::Cpu, 9);
-    let w = Weights::from_gpt(&cpu).unwrap();
-    let c = cfg();
-    let mut fast = FastDecoder::new(&c, &w, 3);
+    let cpu = fast::Model::new(&cfg(), &init_weights(&cfg(), 9));
+    let mut fast = cpu.decoder(3);
     let prefill: Vec<Vec<u32>> = rows.iter().map(|r| r[..12].to_vec()).collect();
     let got = model.forward_cached(&tensor(&prefill, dev), &mut cache).unwrap();
     let want = fast.forward(&prefill.concat(), 12);
@@ -135,19 +139,18 @@ fn a_training_step_matches_the_cpu_reference(dev: &Device) {
     let x: Vec<Vec<u32>> = data.iter().map(|r| r[..24].to_vec()).collect();
     let y: Vec<Vec<u32>> = data.iter().map(|r| r[1..].to_vec()).collect();
 
-    let (model, varmap) = init_model(&cfg(), 11, dev).unwrap();
-    let mut engine = Engine::Candle(AdamW::new(&varmap, &tc).unwrap());
-    let (cpu_model, cpu_varmap) = init_model(&cfg(), 11, &Device::Cpu).unwrap();
-    let mut reference = Engine::Fast(Box::new(FastGpt::from_varmap(&cfg(), &cpu_varmap).unwrap()));
+    let w0 = init_weights(&cfg(), 11);
+    let mut trainer = Engine::Candle(dev.clone()).trainer(&cfg(), &w0, &tc, 0).unwrap();
+    let mut reference = Engine::Fast.trainer(&cfg(), &w0, &tc, 0).unwrap();
+    assert_eq!((trainer.name(), reference.name()), ("candle", "fast"));
+    let (x, y) = (x.concat(), y.concat());
 
     let mut got = vec![];
     let mut want = vec![];
     for _ in 0..2 {
-        let (l, n) = engine.step(&model, &tensor(&x, dev), &tensor(&y, dev), None, tc.lr, &tc).unwrap();
+        let (l, n) = trainer.step(&x, &y, 4, 24, tc.lr, &tc).unwrap();
         got.extend([l as f32, n as f32]);
-        let (l, n) = reference
-            .step(&cpu_model, &tensor(&x, &Device::Cpu), &tensor(&y, &Device::Cpu), None, tc.lr, &tc)
-            .unwrap();
+        let (l, n) = reference.step(&x, &y, 4, 24, tc.lr, &tc).unwrap();
         want.extend([l as f32, n as f32]);
     }
     assert_close("[loss 1, grad norm 1, loss 2, grad norm 2]", &got, &want);
@@ -170,8 +173,9 @@ fn sampling_matches_the_cpu(dev: &Device) {
         ),
         ("beam search", Decoding { sampler: SamplerSettings::default(), beam: 3 }),
     ] {
-        let got = generate(&model_on(dev, 13), &refs, 12, &decoding, &seeds, dev).unwrap();
-        let want = generate(&model_on(&Device::Cpu, 13), &refs, 12, &decoding, &seeds, &Device::Cpu).unwrap();
+        let got = generate(&model_on(dev, 13), &refs, 12, &decoding, &seeds).unwrap();
+        let want =
+            generate(&Model::Candle(candle_on(&Device::Cpu, 13)), &refs, 12, &decoding, &seeds).unwrap();
         assert_eq!(got, want, "{name}");
         assert!(got.iter().all(|r| r.len() == 12));
     }
@@ -180,7 +184,7 @@ test_device!(sampling_matches_the_cpu);
 
 fn dropout_is_reproducible_from_the_seed(dev: &Device) {
     let c = ModelConfig { dropout: 0.5, ..cfg() };
-    let (model, _) = init_model(&c, 0, dev).unwrap();
+    let model = Gpt::new(&c, &init_weights(&c, 0), dev).unwrap();
     let x = tensor(&random_rows(2, 10, c.vocab_size, 5), dev);
     let run = |seed: u64| {
         seed_device(dev, seed).unwrap();

@@ -1,4 +1,5 @@
-//! Word-level corpus metrics: diversity, tail coverage and distribution shape (SPEC §2).
+//! Word-level corpus metrics: diversity, tail coverage and distribution shape (each declared in
+//! [`super::registry`], defined in README's Metrics section).
 //!
 //! Every metric here is computed on *words*: the whitespace-separated tokens of a text (wikitext-2 is
 //! pre-tokenized, so punctuation, `@-@` and `<unk>` are words of their own). They do not depend on any
@@ -14,7 +15,7 @@
 //!   `NaN`, not 0, so "undefined" can never be mistaken for a measurement. `serde_json` writes `NaN` as
 //!   `null`; [`CorpusMetrics`] reads `null` back as `NaN`.
 //! - Rare/common n-gram recall compares corpora fairly only at equal size: truncate or subsample before
-//!   calling (SPEC §2). This module measures whatever it is given.
+//!   calling. This module measures whatever it is given.
 //!
 //! # How it is computed
 //! Words are interned to `u32` ids once (reference words keep their reference id; other corpus words
@@ -45,11 +46,11 @@ pub fn rank_frequency<S: AsRef<str>>(words: &[S]) -> Vec<u64> {
     frequencies
 }
 
-/// Knobs of [`corpus_metrics`]; `Default` gives the values of SPEC §2.
+/// Knobs of [`corpus_metrics`]; `Default` gives the values the lab uses.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
 pub struct MetricOptions {
     /// N for `ttr_at_n` and `distinct_n`: only the first N words are used (capped to the corpus length).
-    /// SPEC: the smaller of 100,000 and the shortest corpus of the run, fixed for the run.
+    /// The lab uses the smaller of 100,000 and the real train words, fixed for the run.
     pub ttr_n: usize,
     /// MATTR window W (Covington & McFall 2010 use 100). A window of 0 gives `NaN`.
     pub mattr_window: usize,
@@ -65,7 +66,7 @@ impl Default for MetricOptions {
     }
 }
 
-/// The word metrics of one corpus against the reference (SPEC §2). Flat, for JSONL and CSV rows.
+/// The word metrics of one corpus against the reference; its field names are registry keys.
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
 pub struct CorpusMetrics {
     /// Number of words in the corpus.
@@ -120,6 +121,17 @@ pub struct CorpusMetrics {
     /// Shannon entropy (bits) of the corpus word unigram distribution.
     #[serde(deserialize_with = "f64_or_nan")]
     pub unigram_entropy: f64,
+}
+
+impl CorpusMetrics {
+    /// Writes every field into `row` under the registry key of the same name (a field that is not
+    /// a registered metric is an error, so a new metric cannot be forgotten in the registry).
+    pub fn put(&self, row: &mut crate::metrics::registry::Row) -> anyhow::Result<()> {
+        match serde_json::to_value(self)? {
+            serde_json::Value::Object(map) => row.merge(&map).map_err(anyhow::Error::msg),
+            _ => unreachable!("a struct serialises to an object"),
+        }
+    }
 }
 
 /// First and last rank (1-based, inclusive) of the Zipf fit.

@@ -1,9 +1,14 @@
 //! Measurements of a generation: model perplexities ([`perplexity`]), word-level corpus statistics
-//! ([`corpus`]), and the distribution of per-sequence perplexities under the generation-0 model.
+//! ([`corpus`]), the n-gram references ([`baseline`]), the distribution of per-sequence
+//! perplexities under the generation-0 model, and the collapse stage of a generation; every metric
+//! is declared once in [`registry`].
 
+pub mod baseline;
 pub mod corpus;
 pub mod perplexity;
+pub mod registry;
 
+use registry::{Metric, Row, Value};
 use serde::{Deserialize, Serialize};
 
 /// Histogram bin edges of `gen0_seq_ppl`: log-spaced from 1 to 10⁴, five bins per decade.
@@ -54,6 +59,22 @@ impl PplDistribution {
             hist,
         }
     }
+
+    /// Writes the percentiles, the mean and the histogram into `row`.
+    pub fn put(&self, row: &mut Row) {
+        use Metric::*;
+        for (m, v) in [
+            (Gen0SeqPplP5, self.p5),
+            (Gen0SeqPplP25, self.p25),
+            (Gen0SeqPplP50, self.p50),
+            (Gen0SeqPplP75, self.p75),
+            (Gen0SeqPplP95, self.p95),
+            (Gen0SeqPplMean, self.mean),
+        ] {
+            row.set(m, v);
+        }
+        row.set_value(Gen0SeqPplHist, Value::Hist(self.hist.clone()));
+    }
 }
 
 #[cfg(test)]
@@ -81,8 +102,8 @@ mod tests {
     }
 }
 
-/// The thresholds of [`collapse_stage`], all relative to generation 0 (SPEC: the seed article's
-/// stages). One place, documented in the README.
+/// The thresholds of [`collapse_stage`], all relative to generation 0. One place, documented in
+/// the README.
 pub mod stage_rules {
     /// Early (tail loss): rare-unigram recall falls by at least this share, or rare-word perplexity
     /// rises by at least this share…
@@ -98,23 +119,24 @@ pub mod stage_rules {
     pub const REPETITION: f64 = 0.5;
 }
 
-/// The collapse stage of a generation's metrics row against generation 0's: "none", "early",
-/// "late" or "catastrophic" (the most advanced stage whose rule holds). Generation 0 is "none".
-pub fn collapse_stage(row: &serde_json::Value, gen0: &serde_json::Value) -> &'static str {
+/// The collapse stage of a generation's row against generation 0's: "none", "early", "late" or
+/// "catastrophic" (the most advanced stage whose rule holds). Generation 0 is "none".
+pub fn collapse_stage(row: &Row, gen0: &Row) -> &'static str {
     use stage_rules::*;
-    let ratio = |k: &str| match (row[k].as_f64(), gen0[k].as_f64()) {
+    use Metric::*;
+    let ratio = |m: Metric| match (row.get(m), gen0.get(m)) {
         (Some(a), Some(b)) if b != 0.0 => a / b,
         _ => f64::NAN,
     };
-    if ratio("distinct_2") < REPETITION || ratio("mattr") < REPETITION {
+    if ratio(Distinct2) < REPETITION || ratio(Mattr) < REPETITION {
         "catastrophic"
-    } else if ratio("distinct_2") <= 1.0 - DIVERSITY_DROP
-        || ratio("unigram_entropy") <= 1.0 - DIVERSITY_DROP
-        || ratio("gen0_seq_ppl_p95") >= TAIL_GROWTH
+    } else if ratio(Distinct2) <= 1.0 - DIVERSITY_DROP
+        || ratio(UnigramEntropy) <= 1.0 - DIVERSITY_DROP
+        || ratio(Gen0SeqPplP95) >= TAIL_GROWTH
     {
         "late"
-    } else if (ratio("rare_ngram_recall_1") <= 1.0 - RARE_DROP || ratio("test_ppl_rare") >= 1.0 + RARE_DROP)
-        && (ratio("common_ngram_recall_1") - 1.0).abs() <= COMMON_KEPT
+    } else if (ratio(RareNgramRecall1) <= 1.0 - RARE_DROP || ratio(TestPplRare) >= 1.0 + RARE_DROP)
+        && (ratio(CommonNgramRecall1) - 1.0).abs() <= COMMON_KEPT
     {
         "early"
     } else {
@@ -124,25 +146,40 @@ pub fn collapse_stage(row: &serde_json::Value, gen0: &serde_json::Value) -> &'st
 
 #[cfg(test)]
 mod stage_tests {
+    use super::registry::RowId;
     use super::*;
-    use serde_json::json;
+
+    fn row(values: [f64; 7]) -> Row {
+        use Metric::*;
+        let mut r = Row::new(RowId::Generation(1));
+        let keys = [
+            Distinct2,
+            Mattr,
+            UnigramEntropy,
+            Gen0SeqPplP95,
+            RareNgramRecall1,
+            TestPplRare,
+            CommonNgramRecall1,
+        ];
+        for (m, v) in keys.into_iter().zip(values) {
+            r.set(m, v);
+        }
+        r
+    }
 
     #[test]
     fn stages_follow_the_rules() {
-        let g0 = json!({"distinct_2": 0.8, "mattr": 0.7, "unigram_entropy": 10.0, "gen0_seq_ppl_p95": 300.0,
-                        "rare_ngram_recall_1": 0.2, "test_ppl_rare": 500.0, "common_ngram_recall_1": 0.98});
+        // distinct_2, mattr, unigram_entropy, gen0_seq_ppl_p95, rare_ngram_recall_1, test_ppl_rare,
+        // common_ngram_recall_1
+        let g0 = row([0.8, 0.7, 10.0, 300.0, 0.2, 500.0, 0.98]);
         assert_eq!(collapse_stage(&g0, &g0), "none");
-        let early = json!({"distinct_2": 0.79, "mattr": 0.7, "unigram_entropy": 9.9, "gen0_seq_ppl_p95": 320.0,
-                           "rare_ngram_recall_1": 0.17, "test_ppl_rare": 520.0, "common_ngram_recall_1": 0.97});
+        let early = row([0.79, 0.7, 9.9, 320.0, 0.17, 520.0, 0.97]);
         assert_eq!(collapse_stage(&early, &g0), "early"); // recall 0.17/0.2 = 0.85 ≤ 0.9; common 0.99 of gen 0
-        let late = json!({"distinct_2": 0.70, "mattr": 0.6, "unigram_entropy": 9.5, "gen0_seq_ppl_p95": 320.0,
-                          "rare_ngram_recall_1": 0.15, "test_ppl_rare": 600.0, "common_ngram_recall_1": 0.9});
+        let late = row([0.70, 0.6, 9.5, 320.0, 0.15, 600.0, 0.9]);
         assert_eq!(collapse_stage(&late, &g0), "late"); // distinct-2 0.70/0.8 = 0.875 ≤ 0.9
-        let tail = json!({"distinct_2": 0.8, "mattr": 0.7, "unigram_entropy": 10.0, "gen0_seq_ppl_p95": 600.0,
-                          "rare_ngram_recall_1": 0.2, "test_ppl_rare": 500.0, "common_ngram_recall_1": 0.98});
+        let tail = row([0.8, 0.7, 10.0, 600.0, 0.2, 500.0, 0.98]);
         assert_eq!(collapse_stage(&tail, &g0), "late"); // p95 doubled
-        let cat = json!({"distinct_2": 0.3, "mattr": 0.6, "unigram_entropy": 6.0, "gen0_seq_ppl_p95": 900.0,
-                         "rare_ngram_recall_1": 0.05, "test_ppl_rare": 900.0, "common_ngram_recall_1": 0.7});
+        let cat = row([0.3, 0.6, 6.0, 900.0, 0.05, 900.0, 0.7]);
         assert_eq!(collapse_stage(&cat, &g0), "catastrophic"); // distinct-2 0.3/0.8 < 0.5
     }
 }

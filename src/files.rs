@@ -1,7 +1,9 @@
 //! Files on disk: every output is written to a temporary name in its own directory, flushed, and
-//! renamed into place, so a crash never leaves a half-written file under the real name.
+//! renamed into place, so a crash never leaves a half-written file under the real name; and the
+//! sha256 that run records pin files with.
 
 use anyhow::{Context, Result};
+use sha2::{Digest, Sha256};
 use std::io::Write;
 use std::path::{Path, PathBuf};
 
@@ -46,6 +48,35 @@ pub fn create_dir(dir: &Path) -> Result<()> {
         anyhow::bail!("output path {} exists and is not a directory", dir.display());
     }
     std::fs::create_dir_all(dir).with_context(|| format!("cannot create directory {}", dir.display()))
+}
+
+/// Lower-case hex of a digest.
+pub fn hex(bytes: &[u8]) -> String {
+    bytes.iter().map(|b| format!("{b:02x}")).collect()
+}
+
+/// sha256 of a file's bytes, in hex.
+pub fn sha256_file(path: &Path) -> Result<String> {
+    let bytes = std::fs::read(path).with_context(|| format!("cannot read {}", path.display()))?;
+    Ok(sha256_hex(&bytes))
+}
+
+/// sha256 of some bytes, in hex.
+pub fn sha256_hex(bytes: &[u8]) -> String {
+    hex(&Sha256::digest(bytes))
+}
+
+/// Free bytes on the file system holding `dir` (None if it cannot be told).
+pub fn free_bytes(dir: &Path) -> Option<u64> {
+    use std::os::unix::ffi::OsStrExt;
+    let c = std::ffi::CString::new(dir.as_os_str().as_bytes()).ok()?;
+    // SAFETY: statvfs is plain old data; zeroed is a valid value for it.
+    let mut st: libc::statvfs = unsafe { std::mem::zeroed() };
+    // SAFETY: c is a valid NUL-terminated path and st a valid out-pointer.
+    if unsafe { libc::statvfs(c.as_ptr(), &mut st) } != 0 {
+        return None;
+    }
+    Some(st.f_bavail as u64 * st.f_frsize as u64)
 }
 
 #[cfg(test)]

@@ -1,15 +1,20 @@
 //! The command line: clap derive structs (doc comments become `--help`) and one function per
-//! subcommand that calls into the library.
+//! subcommand that maps its arguments to library calls and prints the result. Settings are checked
+//! in one place ([`Config::validate`]); [`table`] prints a run's rows as they come.
 
-use crate::baseline::{KneserNeyBigram, UnigramModel};
-use crate::checkpoint::{self, ModelInfo};
-use crate::config::{usage, Config, PRESETS};
+pub mod table;
+
+use crate::checkpoint::{self, TrainJob};
+use crate::config::{usage, Config, UsageError, FLAGS, PRESETS};
 use crate::data::{self, default_data_dir, Split};
-use crate::metrics::perplexity::stream_nats;
-use crate::model::init_model;
-use crate::run_dir::{create_dir, write_atomic};
+use crate::files::{create_dir, write_atomic};
+use crate::metrics::baseline::{KneserNeyBigram, UnigramModel};
+use crate::model::engine::Engine;
+use crate::model::score::stream_nats;
+use crate::model::{init_weights, n_params, ModelConfig};
+use crate::recursion::run_dir::{self, load_state, read_corpus, CorpusRecord, CORPUS};
+use crate::recursion::{self, RunOptions};
 use crate::tokenizer::Tokenizer;
-use crate::train::{self, TrainTarget};
 use anyhow::{bail, Context, Result};
 use candle_core::Device;
 use clap::{Args, Parser, Subcommand};
@@ -43,7 +48,7 @@ pub enum Command {
     Report(ReportArgs),
     /// Read what a generation wrote, or one block's text across generations.
     Inspect(InspectArgs),
-    /// Word-level corpus metrics (SPEC §2) of any text against a reference text.
+    /// Word-level corpus metrics of any text against a reference text, or `--list`: every metric.
     Metrics(MetricsArgs),
     /// Plots and tables of several runs, one curve per setting, seeds aggregated with 95 % bands.
     Compare(CompareArgs),
@@ -240,6 +245,9 @@ pub struct SweepArgs {
     pub preset: String,
     #[arg(long)]
     pub generations: Option<usize>,
+    /// Any other setting to vary, e.g. --grid sample.beam=0,5 (repeatable; values as for --set)
+    #[arg(long, value_name = "KEY=V1,V2")]
+    pub grid: Vec<String>,
     /// Any other setting, as in `run --set` (repeatable)
     #[arg(long = "set", value_name = "KEY=VALUE")]
     pub sets: Vec<String>,
@@ -307,12 +315,15 @@ pub struct InspectArgs {
 
 #[derive(Debug, Args)]
 pub struct MetricsArgs {
+    /// List every metric the lab reports (key, unit, which way is healthier, where shown) and exit
+    #[arg(long, conflicts_with_all = ["reference", "corpus"])]
+    pub list: bool,
     /// The reference text (e.g. data/wikitext-2/wiki.train.tokens)
     #[arg(long, value_name = "FILE")]
-    pub reference: PathBuf,
+    pub reference: Option<PathBuf>,
     /// The text to measure
     #[arg(long, value_name = "FILE")]
-    pub corpus: PathBuf,
+    pub corpus: Option<PathBuf>,
     /// Print one JSON object
     #[arg(long)]
     pub json: bool,
@@ -368,7 +379,7 @@ pub fn run(cli: Cli) -> Result<()> {
         Command::Toy(ToyCommand::Gaussian(a)) => toy_gaussian(a),
         Command::Compare(a) => {
             for r in &a.runs {
-                crate::recursion::load_state(r).map_err(|e| crate::config::UsageError(format!("{e:#}")))?;
+                load_state(r).map_err(|e| UsageError(format!("{e:#}")))?;
             }
             crate::compare::compare(&a.runs, &a.out)?;
             println!("wrote {}", a.out.join("compare.html").display());
@@ -376,7 +387,7 @@ pub fn run(cli: Cli) -> Result<()> {
         }
         Command::Sweep(a) => sweep(a),
         Command::Report(a) => {
-            crate::recursion::load_state(&a.run).map_err(|e| crate::config::UsageError(format!("{e:#}")))?;
+            load_state(&a.run).map_err(|e| UsageError(format!("{e:#}")))?;
             crate::report::write_report(&a.run)?;
             println!("wrote {}", a.run.join("report.html").display());
             Ok(())
@@ -385,8 +396,8 @@ pub fn run(cli: Cli) -> Result<()> {
     }
 }
 
-/// Parses `--device`.
-pub fn device(spec: &str) -> Result<Device> {
+/// Parses `--device` into the engine that runs on it.
+pub fn engine(spec: &str) -> Result<Engine> {
     let cuda = |ordinal: usize| {
         if !cfg!(feature = "cuda") {
             return usage(format!(
@@ -395,38 +406,45 @@ pub fn device(spec: &str) -> Result<Device> {
         }
         Device::new_cuda(ordinal).with_context(|| format!("--device {spec}: no usable CUDA device {ordinal}"))
     };
-    match spec {
-        "cpu" => Ok(Device::Cpu),
-        "cuda" => cuda(0),
+    let device = match spec {
+        "cpu" => Device::Cpu,
+        "cuda" => cuda(0)?,
         "auto" => {
-            Ok(if cfg!(feature = "cuda") { Device::new_cuda(0).unwrap_or(Device::Cpu) } else { Device::Cpu })
+            if cfg!(feature = "cuda") {
+                Device::new_cuda(0).unwrap_or(Device::Cpu)
+            } else {
+                Device::Cpu
+            }
         }
         s => match s.strip_prefix("cuda:").map(str::parse::<usize>) {
-            Some(Ok(n)) => cuda(n),
-            _ => usage(format!("--device {s}: expected cpu, cuda, cuda:N or auto")),
+            Some(Ok(n)) => cuda(n)?,
+            _ => return usage(format!("--device {s}: expected cpu, cuda, cuda:N or auto")),
         },
+    };
+    Ok(Engine::new(device))
+}
+
+/// A known preset, or a usage error listing them.
+fn check_preset(preset: &str) -> Result<()> {
+    if PRESETS.contains(&preset) {
+        Ok(())
+    } else {
+        usage(format!("--preset: unknown preset '{preset}' (expected one of: {})", PRESETS.join(", ")))
     }
 }
 
 fn prepare(a: PrepareArgs) -> Result<()> {
     let lines = data::load_split(&a.common.data_dir(), Split::Train, a.train_lines)?;
-    let tok =
-        Tokenizer::train(&lines, a.vocab_size).map_err(|e| crate::config::UsageError(format!("{e:#}")))?;
+    let tok = Tokenizer::train(&lines, a.vocab_size).map_err(|e| UsageError(format!("{e:#}")))?;
     write_atomic(&a.out, tok.json().as_bytes())?;
     println!("wrote {} ({} tokens, sha256 {})", a.out.display(), tok.vocab_size(), tok.sha256());
     Ok(())
 }
 
 fn train_cmd(a: TrainArgs) -> Result<()> {
-    if !PRESETS.contains(&a.preset.as_str()) {
-        return usage(format!(
-            "--preset: unknown preset '{}' (expected one of: {})",
-            a.preset,
-            PRESETS.join(", ")
-        ));
-    }
+    check_preset(&a.preset)?;
     let cfg = Config::resolve(&a.preset, a.config.as_deref(), &a.sets, a.seed)?;
-    let dev = device(&a.common.device)?;
+    let engine = engine(&a.common.device)?;
     let data_dir = a.common.data_dir();
     let train_lines = data::load_split(&data_dir, Split::Train, cfg.data.train_lines)?;
     let valid_lines = data::load_split(&data_dir, Split::Valid, cfg.data.eval_lines)?;
@@ -434,12 +452,25 @@ fn train_cmd(a: TrainArgs) -> Result<()> {
         Some(path) => Tokenizer::load(path)?,
         None => Tokenizer::train(&train_lines, cfg.model.vocab_size)?,
     };
+    let model = ModelConfig { vocab_size: tok.vocab_size(), ..cfg.model.clone() };
+    let (train, valid) = (tok.encode_lines(&train_lines)?, tok.encode_lines(&valid_lines)?);
     create_dir(&a.out)?; // only once every input has been read and checked
-    let out = train_model(&cfg, &tok, &train_lines, &valid_lines, &a.out, a.quiet, "train", &dev)?;
-    let t = &out.training;
+    let job = TrainJob {
+        cfg: &cfg,
+        tok: &tok,
+        model: &model,
+        init: &init_weights(&model, cfg.seed),
+        train: &train,
+        valid: &valid,
+        seed: cfg.seed,
+        quiet: a.quiet,
+        label: "train".into(),
+    };
+    let info = checkpoint::train_model_dir(&engine, &job, &a.out)?;
+    let t = &info.training;
     println!(
         "trained {} parameters for {} steps ({:.2} epochs of {} tokens) in {:.1} s at {:.0} tokens/s",
-        out.model.n_params(),
+        n_params(&info.model),
         t.steps,
         t.epochs,
         t.train_tokens,
@@ -456,74 +487,34 @@ fn train_cmd(a: TrainArgs) -> Result<()> {
     Ok(())
 }
 
-/// Trains a fresh model on `train_lines` with `tok`, selecting on `valid_lines`, and writes the model
-/// directory `out`. Returns its `model.json` record.
-#[allow(clippy::too_many_arguments)]
-pub fn train_model<S: AsRef<str> + Sync>(
-    cfg: &Config,
-    tok: &Tokenizer,
-    train_lines: &[S],
-    valid_lines: &[S],
-    out: &Path,
-    quiet: bool,
-    label: &str,
-    dev: &Device,
-) -> Result<ModelInfo> {
-    let mcfg = crate::model::ModelConfig { vocab_size: tok.vocab_size(), ..cfg.model.clone() };
-    let train_stream = tok.encode_lines(train_lines)?;
-    let valid_stream = tok.encode_lines(valid_lines)?;
-    let (model, varmap) = init_model(&mcfg, cfg.seed, dev)?;
-    let target = TrainTarget { checkpoint: &out.join(checkpoint::WEIGHTS), quiet, label: label.to_string() };
-    let training = train::train(
-        &model,
-        &varmap,
-        &cfg.train,
-        &train_stream,
-        &valid_stream,
-        cfg.data.block_size,
-        cfg.seed,
-        &target,
-        dev,
-    )?;
-    let info = ModelInfo {
-        crate_version: env!("CARGO_PKG_VERSION").to_string(),
-        model: mcfg,
-        config: cfg.clone(),
-        tokenizer_sha256: tok.sha256(),
-        training,
-    };
-    checkpoint::write_model_dir(out, &info, tok)?;
-    Ok(info)
-}
-
 fn eval(a: EvalArgs) -> Result<()> {
-    let dev = device(&a.common.device)?;
-    let loaded = checkpoint::load_model_dir(&a.model, &dev)?;
+    let engine = engine(&a.common.device)?;
+    let loaded = checkpoint::load_model_dir(&a.model, &engine)?;
     let cfg = &loaded.info.config;
     let limit = a.lines.unwrap_or(cfg.data.eval_lines);
     let lines = data::load_split(&a.common.data_dir(), a.split, limit)?;
     let stream = loaded.tokenizer.encode_lines(&lines)?;
-    let nats = stream_nats(&loaded.model, &stream, cfg.data.block_size, 0, &dev)?;
+    let nats = stream_nats(&mut loaded.model.scorer(), &stream, cfg.data.block_size, 0, engine.is_gpu())?;
     let words = data::words_with_eol(&lines) as u64;
     let split = format!("{:?}", a.split).to_lowercase();
     // The n-gram references, trained on the same train lines as the model, scored on the same text.
     let train_lines = data::load_split(&a.common.data_dir(), Split::Train, cfg.data.train_lines)?;
     let kn = KneserNeyBigram::train(&train_lines).evaluate(&lines);
     let uni = UnigramModel::train(&train_lines).evaluate(&lines);
-    let result = json!({
-        "split": split,
-        format!("{split}_ppl"): nats.ppl(),
-        format!("{split}_word_ppl"): nats.ppl_per(words),
-        "kn_bigram_word_ppl": kn.ppl,
-        "unigram_word_ppl": uni.ppl,
-        "nats": nats.nats,
-        "tokens": nats.predictions,
-        "words": words,
-        "lines": lines.len(),
-        "block_size": cfg.data.block_size,
-        "model": a.model.display().to_string(),
-    });
     if a.json {
+        let result = json!({
+            "split": split,
+            format!("{split}_ppl"): nats.ppl(),
+            format!("{split}_word_ppl"): nats.ppl_per(words),
+            "kn_bigram_word_ppl": kn.ppl,
+            "unigram_word_ppl": uni.ppl,
+            "nats": nats.nats,
+            "tokens": nats.predictions,
+            "words": words,
+            "lines": lines.len(),
+            "block_size": cfg.data.block_size,
+            "model": a.model.display().to_string(),
+        });
         println!("{result}");
     } else {
         println!(
@@ -548,8 +539,6 @@ fn baseline(a: BaselineArgs) -> Result<()> {
     let dir = a.common.data_dir();
     let train = data::load_split(&dir, Split::Train, 0)?;
     let test = data::load_split(&dir, Split::Test, 0)?;
-    let train: Vec<&str> = train.iter().map(String::as_str).collect();
-    let test: Vec<&str> = test.iter().map(String::as_str).collect();
     let kn = KneserNeyBigram::train(&train).evaluate(&test);
     let uni = UnigramModel::train(&train).evaluate(&test);
     if a.json {
@@ -566,11 +555,11 @@ fn bench(a: BenchArgs) -> Result<()> {
     if a.iters == 0 {
         return usage("--iters must be at least 1");
     }
-    let dev = device(&a.device)?;
+    let engine = engine(&a.device)?;
     let shape = crate::bench::shape(&a.config)?;
     match a.mode {
         BenchMode::Train => {
-            let r = crate::bench::bench_train(&shape, a.warmup, a.iters, &dev)?;
+            let r = crate::bench::bench_train(&shape, a.warmup, a.iters, &engine)?;
             if a.json {
                 println!("RESULT {}", serde_json::to_string(&r)?);
             } else {
@@ -589,7 +578,7 @@ fn bench(a: BenchArgs) -> Result<()> {
             }
         }
         BenchMode::Sample => {
-            let r = crate::bench::bench_sample(&shape, a.prompts, a.prompt_len, a.new, a.iters, &dev)?;
+            let r = crate::bench::bench_sample(&shape, a.prompts, a.prompt_len, a.new, a.iters, &engine)?;
             if a.json {
                 println!("RESULT {}", serde_json::to_string(&r)?);
             } else {
@@ -603,52 +592,32 @@ fn bench(a: BenchArgs) -> Result<()> {
     Ok(())
 }
 
-fn run_cmd(a: RunArgs) -> Result<()> {
-    if !PRESETS.contains(&a.preset.as_str()) {
-        return usage(format!(
-            "--preset: unknown preset '{}' (expected one of: {})",
-            a.preset,
-            PRESETS.join(", ")
-        ));
-    }
+/// `run`'s own flags as `--set key=value` overrides (the keys of [`FLAGS`]), after the user's.
+fn flag_sets(a: &RunArgs) -> Vec<String> {
+    let values: [Option<serde_json::Value>; FLAGS.len()] = [
+        a.generations.map(|x| json!(x)),
+        a.regime.map(|x| json!(x)),
+        a.real_fraction.map(|x| json!(x)),
+        a.prompt_mode.map(|x| json!(x)),
+        a.init.map(|x| json!(x)),
+        a.temperature.map(|x| json!(x)),
+        a.top_k.map(|x| json!(x)),
+        a.top_p.map(|x| json!(x)),
+        a.beam.map(|x| json!(x)),
+        a.repetition_penalty.map(|x| json!(x)),
+    ];
     let mut sets = a.sets.clone();
-    let mut flag = |key: &str, value: Option<serde_json::Value>| {
-        if let Some(v) = value {
+    for ((_, key), v) in FLAGS.iter().zip(values) {
+        if let Some(v) = v {
             sets.push(format!("{key}={v}"));
         }
-    };
-    let j = |v: Option<f64>| v.map(|x| json!(x));
-    flag("recursion.generations", a.generations.map(|x| json!(x)));
-    flag("recursion.regime", a.regime.map(|x| json!(x)));
-    flag("recursion.real_fraction", j(a.real_fraction));
-    flag("recursion.prompt_mode", a.prompt_mode.map(|x| json!(x)));
-    flag("recursion.init", a.init.map(|x| json!(x)));
-    flag("sample.temperature", j(a.temperature.map(f64::from)));
-    flag("sample.top_k", a.top_k.map(|x| json!(x)));
-    flag("sample.top_p", j(a.top_p.map(f64::from)));
-    flag("sample.beam", a.beam.map(|x| json!(x)));
-    flag("sample.repetition_penalty", j(a.repetition_penalty.map(f64::from)));
-    for (name, bad) in [
-        ("--temperature", a.temperature.is_some_and(|t| !t.is_finite() || t < 0.0)),
-        ("--top-p", a.top_p.is_some_and(|p| !(p > 0.0 && p <= 1.0))),
-        ("--top-k", a.top_k == Some(0)),
-        ("--beam", a.beam == Some(0)),
-        ("--real-fraction", a.real_fraction.is_some_and(|f| !(0.0..=1.0).contains(&f))),
-        ("--repetition-penalty", a.repetition_penalty.is_some_and(|r| !r.is_finite() || r <= 0.0)),
-        ("--generations", a.generations == Some(0)),
-    ] {
-        if bad {
-            let expected = match name {
-                "--temperature" => ">= 0 (0 = greedy)",
-                "--top-p" => "in (0, 1]",
-                "--top-k" | "--beam" | "--generations" => "at least 1 (omit the flag to turn it off)",
-                "--real-fraction" => "in [0, 1]",
-                _ => "> 0 (1 = off)",
-            };
-            return usage(format!("{name} must be {expected}"));
-        }
     }
-    let cfg = Config::resolve(&a.preset, a.config.as_deref(), &sets, a.seed)?;
+    sets
+}
+
+fn run_cmd(a: RunArgs) -> Result<()> {
+    check_preset(&a.preset)?;
+    let cfg = Config::resolve(&a.preset, a.config.as_deref(), &flag_sets(&a), a.seed)?;
     let out = match (&a.out, &a.name) {
         (Some(out), _) => out.clone(),
         (None, Some(name)) => Path::new("checkpoints").join(name),
@@ -658,50 +627,42 @@ fn run_cmd(a: RunArgs) -> Result<()> {
             Path::new("checkpoints").join(format!("{}-{regime}-seed{}", cfg.preset, cfg.seed))
         }
     };
-    let opts = crate::recursion::RunOptions {
-        out,
-        data_dir: a.common.data_dir(),
-        quiet: a.quiet,
-        device: device(&a.common.device)?,
-    };
-    crate::recursion::start_run(cfg, &opts, a.force)?;
+    let opts =
+        RunOptions { out, data_dir: a.common.data_dir(), quiet: a.quiet, engine: engine(&a.common.device)? };
+    recursion::start_run(cfg, &opts, a.force, table::observer(a.quiet).as_mut())?;
     crate::report::write_report(&opts.out)
 }
 
 fn resume(a: ResumeArgs) -> Result<()> {
-    let opts = crate::recursion::RunOptions {
+    // A directory that is not a run is a usage error; everything after is the run's own business.
+    load_state(&a.run).map_err(|e| UsageError(format!("{e:#}")))?;
+    let opts = RunOptions {
         out: a.run.clone(),
         data_dir: a.common.data_dir(),
         quiet: a.quiet,
-        device: device(&a.common.device)?,
+        engine: engine(&a.common.device)?,
     };
-    // A directory that is not a run is a usage error; everything after is the run's own business.
-    crate::recursion::load_state(&a.run).map_err(|e| crate::config::UsageError(format!("{e:#}")))?;
-    crate::recursion::continue_run(&opts)?;
+    recursion::continue_run(&opts, table::observer(a.quiet).as_mut())?;
     crate::report::write_report(&opts.out)
 }
 
 fn inspect(a: InspectArgs) -> Result<()> {
-    let state =
-        crate::recursion::load_state(&a.run).map_err(|e| crate::config::UsageError(format!("{e:#}")))?;
+    let state = load_state(&a.run).map_err(|e| UsageError(format!("{e:#}")))?;
     let n_gen = state.generations.len();
-    let corpus = |g: usize| -> Result<Vec<crate::recursion::CorpusRecord>> {
+    let corpus = |g: usize| -> Result<Vec<CorpusRecord>> {
         if g >= n_gen {
             return usage(format!("--generation {g}: the run has generations 0 to {}", n_gen - 1));
         }
-        let path = a.run.join(format!("gen-{g:02}")).join(crate::recursion::CORPUS);
+        let path = run_dir::gen_dir(&a.run, g).join(CORPUS);
         if !path.exists() {
             bail!("generation {g} has not sampled its corpus yet ({} is missing)", path.display());
         }
-        crate::recursion::read_corpus(&path)
+        read_corpus(&path)
     };
     if let Some(id) = a.lineage {
         let first = corpus(0)?;
         let rec = first.iter().find(|r| r.prompt_id == id).ok_or_else(|| {
-            crate::config::UsageError(format!(
-                "--lineage {id}: no such prompt id (0 to {})",
-                first.len().saturating_sub(1)
-            ))
+            UsageError(format!("--lineage {id}: no such prompt id (0 to {})", first.len().saturating_sub(1)))
         })?;
         println!("lineage of block {id}: the real block, then the text each generation's model wrote for it");
         println!("\n[real]\n{}", rec.prompt);
@@ -715,7 +676,7 @@ fn inspect(a: InspectArgs) -> Result<()> {
     }
     let g = a.generation.expect("clap requires --generation without --lineage");
     let records = corpus(g)?;
-    let shown: Vec<&crate::recursion::CorpusRecord> = match a.prompt {
+    let shown: Vec<&CorpusRecord> = match a.prompt {
         Some(id) => records.iter().filter(|r| r.prompt_id == id).collect(),
         None => records.iter().take(a.n).collect(),
     };
@@ -735,8 +696,15 @@ fn inspect(a: InspectArgs) -> Result<()> {
 
 fn metrics(a: MetricsArgs) -> Result<()> {
     use crate::metrics::corpus::{corpus_metrics, MetricOptions, Reference};
-    let reference = data::read_text_lines(&a.reference)?;
-    let corpus = data::read_text_lines(&a.corpus)?;
+    if a.list {
+        print!("{}", crate::metrics::registry::listing());
+        return Ok(());
+    }
+    let (Some(reference), Some(corpus)) = (&a.reference, &a.corpus) else {
+        return usage("metrics: give --reference FILE and --corpus FILE, or --list");
+    };
+    let reference = data::read_text_lines(reference)?;
+    let corpus = data::read_text_lines(corpus)?;
     let rw: Vec<&str> = reference.iter().flat_map(|l| l.split_whitespace()).collect();
     let cw: Vec<&str> = corpus.iter().flat_map(|l| l.split_whitespace()).collect();
     let opts = MetricOptions { ttr_n: cw.len().min(rw.len()).min(100_000), ..MetricOptions::default() };
@@ -753,7 +721,6 @@ fn metrics(a: MetricsArgs) -> Result<()> {
 }
 
 fn toy_gaussian(a: GaussianArgs) -> Result<()> {
-    use crate::report::{line_chart, Axes, Series};
     if a.samples < 2 || a.generations == 0 || a.seeds == 0 {
         return usage("--samples must be at least 2, --generations and --seeds at least 1");
     }
@@ -783,25 +750,7 @@ fn toy_gaussian(a: GaussianArgs) -> Result<()> {
         }
     }
     if let Some(dir) = &a.out {
-        crate::run_dir::create_dir(dir)?;
-        for (stem, log_y, value) in [("variance", true, 0usize), ("mean", false, 1)] {
-            let series: Vec<Series> = runs
-                .iter()
-                .enumerate()
-                .map(|(s, fits)| Series {
-                    label: format!("seed {s}"),
-                    points: fits
-                        .iter()
-                        .map(|f| (f.generation as f64, if value == 0 { f.variance } else { f.mean }))
-                        .collect(),
-                    dashed: false,
-                    band: None,
-                })
-                .collect();
-            let title = format!("Gaussian toy, {:?}, N = {}: {stem} per generation", a.regime, a.samples);
-            let axes = Axes { title: &title, x: "generation", y: stem, log_x: false, log_y };
-            let path = dir.join(format!("toy_gaussian_{stem}.svg"));
-            crate::run_dir::write_atomic(&path, line_chart(&axes, &series)?.as_bytes())?;
+        for path in crate::toy::write_plots(&runs, a.regime, a.samples, dir)? {
             println!("wrote {}", path.display());
         }
     }
@@ -809,51 +758,47 @@ fn toy_gaussian(a: GaussianArgs) -> Result<()> {
 }
 
 fn sweep(a: SweepArgs) -> Result<()> {
-    if !PRESETS.contains(&a.preset.as_str()) {
-        return usage(format!(
-            "--preset: unknown preset '{}' (expected one of: {})",
-            a.preset,
-            PRESETS.join(", ")
-        ));
-    }
+    check_preset(&a.preset)?;
     if a.seeds == 0 {
         return usage("--seeds must be at least 1");
     }
-    let dev = device(&a.common.device)?;
+    let mut axes: Vec<(String, Vec<String>)> = vec![
+        ("sample.temperature".into(), a.temperature.iter().map(|t| json!(t).to_string()).collect()),
+        ("sample.top_p".into(), a.top_p.iter().map(|p| json!(p).to_string()).collect()),
+        ("recursion.regime".into(), a.regime.iter().map(|r| json!(r).to_string()).collect()),
+    ];
+    for g in &a.grid {
+        let (key, values) = g
+            .split_once('=')
+            .ok_or_else(|| UsageError(format!("--grid {g}: expected key=v1,v2,… e.g. sample.beam=0,5")))?;
+        axes.push((key.trim().to_string(), values.split(',').map(|v| v.trim().to_string()).collect()));
+    }
+    let mut sets = a.sets.clone();
+    if let Some(g) = a.generations {
+        sets.push(format!("recursion.generations={g}"));
+    }
+    let runs = crate::compare::sweep_runs(&a.preset, &sets, &axes, a.seeds)?;
+    let engine = engine(&a.common.device)?;
     let mut dirs = Vec::new();
-    for &t in &a.temperature {
-        for &p in &a.top_p {
-            for &regime in &a.regime {
-                for seed in 0..a.seeds {
-                    let mut sets = a.sets.clone();
-                    sets.push(format!("sample.temperature={t}"));
-                    sets.push(format!("sample.top_p={p}"));
-                    sets.push(format!("recursion.regime={}", json!(regime)));
-                    if let Some(g) = a.generations {
-                        sets.push(format!("recursion.generations={g}"));
-                    }
-                    let cfg = Config::resolve(&a.preset, None, &sets, Some(seed))?;
-                    let name = format!("t{t}-p{p}-{}-seed{seed}", json!(regime).as_str().unwrap_or("regime"));
-                    let opts = crate::recursion::RunOptions {
-                        out: a.out.join(&name),
-                        data_dir: a.common.data_dir(),
-                        quiet: a.quiet,
-                        device: dev.clone(),
-                    };
-                    if !a.quiet {
-                        println!("== {name}");
-                    }
-                    // Each grid point is an ordinary run: a finished one is kept, an interrupted one resumed.
-                    if opts.out.join(crate::recursion::RUN_JSON).exists() {
-                        crate::recursion::continue_run(&opts)?;
-                    } else {
-                        crate::recursion::start_run(cfg, &opts, false)?;
-                    }
-                    crate::report::write_report(&opts.out)?;
-                    dirs.push(opts.out);
-                }
-            }
+    for (name, cfg) in runs {
+        let opts = RunOptions {
+            out: a.out.join(&name),
+            data_dir: a.common.data_dir(),
+            quiet: a.quiet,
+            engine: engine.clone(),
+        };
+        if !a.quiet {
+            println!("== {name}");
         }
+        // Each grid point is an ordinary run: a finished one is kept, an interrupted one resumed.
+        let mut obs = table::observer(a.quiet);
+        if opts.out.join(run_dir::RUN_JSON).exists() {
+            recursion::continue_run(&opts, obs.as_mut())?;
+        } else {
+            recursion::start_run(cfg, &opts, false, obs.as_mut())?;
+        }
+        crate::report::write_report(&opts.out)?;
+        dirs.push(opts.out);
     }
     let out = a.out.join("compare");
     crate::compare::compare(&dirs, &out)?;

@@ -1,0 +1,754 @@
+//! The fast CPU engine: the GPT of [`super::describe`] with its forward and backward written out by
+//! hand in the spirit of llm.c's `train_gpt2.c`. Parameters, gradients and AdamW moments live in
+//! flat `Vec<f32>` buffers laid out by the description (one slice per parameter, views by name),
+//! activations in buffers allocated once per batch shape; the kernels are in [`super::kernels`].
+//!
+//! The block is written once ([`block_qkv`] + [`block_rest`]) and serves three passes: training and
+//! scoring run whole sequences from position 0 and keep every activation ([`forward_sequences`],
+//! then [`backward`]); decoding ([`Decoder`]) runs a few new positions per row against a KV cache.
+//! [`super::candle`] is the reference: tests check that this engine's loss, every gradient and the
+//! decoder's logits match candle's.
+//!
+//! Shapes: B batch (rows), T time, C channels, H heads, hs = C / H, V vocabulary, BT = B·T rows.
+
+use super::kernels::{
+    add, attention, attention_backward, gelu_backward, gelu_forward, last_rows, layernorm_backward,
+    layernorm_forward, linear, matmul_backward, matmul_forward, max, sum, KvLayout, Panels,
+};
+use super::{describe, flat_layout, split, split_mut, Block, ModelConfig, Params, Weights};
+use rayon::prelude::*;
+use std::ops::Range;
+
+/// ln_1 and the q|k|v projection of a block's rows.
+struct QkvActs {
+    ln1: Vec<f32>,      // (BT, C)
+    ln1_mean: Vec<f32>, // (BT)
+    ln1_rstd: Vec<f32>, // (BT)
+    qkv: Vec<f32>,      // (BT, 3C)
+}
+
+/// The rest of a block: attention, projection, residual, ln_2, MLP, residual.
+struct RestActs {
+    att: Vec<f32>,      // (B, H, T, T) softmax probabilities, zero above the diagonal (training only)
+    atty: Vec<f32>,     // (BT, C) attention output before the projection
+    res2: Vec<f32>,     // (BT, C) residual after attention
+    ln2: Vec<f32>,      // (BT, C)
+    ln2_mean: Vec<f32>, // (BT)
+    ln2_rstd: Vec<f32>, // (BT)
+    fch: Vec<f32>,      // (BT, 4C) before GELU
+    fch_gelu: Vec<f32>, // (BT, 4C)
+    res3: Vec<f32>,     // (BT, C) residual after the MLP: the block's output
+}
+
+/// One block's activations for `n` rows; `probs` floats of attention probabilities (0 when they
+/// are not kept).
+struct LayerActs {
+    q: QkvActs,
+    r: RestActs,
+}
+
+impl LayerActs {
+    fn new(n: usize, c: usize, probs: usize) -> Self {
+        let z = |len: usize| vec![0f32; len];
+        Self {
+            q: QkvActs { ln1: z(n * c), ln1_mean: z(n), ln1_rstd: z(n), qkv: z(n * 3 * c) },
+            r: RestActs {
+                att: z(probs),
+                atty: z(n * c),
+                res2: z(n * c),
+                ln2: z(n * c),
+                ln2_mean: z(n),
+                ln2_rstd: z(n),
+                fch: z(n * 4 * c),
+                fch_gelu: z(n * 4 * c),
+                res3: z(n * c),
+            },
+        }
+    }
+}
+
+/// The weight matrices of one block packed for decoding's few-row products.
+struct PackedBlock {
+    qkv: Panels,
+    proj: Panels,
+    fc: Panels,
+    fcp: Panels,
+}
+
+impl PackedBlock {
+    fn new(p: &Block<&[f32]>, c: usize) -> Self {
+        Self {
+            qkv: Panels::new(p.attn.c_attn.weight, 3 * c, c),
+            proj: Panels::new(p.attn.c_proj.weight, c, c),
+            fc: Panels::new(p.mlp.c_fc.weight, 4 * c, c),
+            fcp: Panels::new(p.mlp.c_proj.weight, c, 4 * c),
+        }
+    }
+}
+
+/// x (n, C) = wte[token] + wpe[position]; row i holds token i of its sequence of `t`, at position
+/// pos0 + i mod t.
+fn embed(x: &mut [f32], w: &Params<&[f32]>, tokens: &[u32], t: usize, pos0: usize, c: usize) {
+    x.par_chunks_mut(c).enumerate().for_each(|(row, x)| {
+        let (tok, p) = (tokens[row] as usize, pos0 + row % t);
+        let (te, pe) = (&w.wte[tok * c..(tok + 1) * c], &w.wpe[p * c..(p + 1) * c]);
+        for i in 0..c {
+            x[i] = te[i] + pe[i];
+        }
+    });
+}
+
+/// The first half of a block on n rows: ln_1(input) → q|k|v.
+fn block_qkv(
+    p: &Block<&[f32]>,
+    pk: Option<&PackedBlock>,
+    a: &mut QkvActs,
+    input: &[f32],
+    n: usize,
+    c: usize,
+) {
+    layernorm_forward(&mut a.ln1, &mut a.ln1_mean, &mut a.ln1_rstd, input, p.ln_1.weight, p.ln_1.bias, c);
+    linear(&mut a.qkv, &a.ln1, p.attn.c_attn.weight, pk.map(|k| &k.qkv), Some(p.attn.c_attn.bias), n);
+}
+
+/// The second half of a block for `rows` sequences of `t` queries at positions pos0..: attention
+/// over `kv` → c_proj → + input → ln_2 → c_fc → GELU → c_proj → + residual, into `a.res3`.
+/// `tmp` is (rows·t, C) scratch.
+///
+/// # Safety
+/// `kv` must be valid for [`attention`] with these shapes.
+#[allow(clippy::too_many_arguments)]
+unsafe fn block_rest(
+    p: &Block<&[f32]>,
+    pk: Option<&PackedBlock>,
+    a: &mut RestActs,
+    tmp: &mut [f32],
+    input: &[f32],
+    qkv: &[f32],
+    kv: KvLayout,
+    keep_probs: bool,
+    (rows, t, pos0): (usize, usize, usize),
+    (c, h): (usize, usize),
+) {
+    let n = rows * t;
+    let probs = if keep_probs { Some(&mut a.att[..]) } else { None };
+    // SAFETY: forwarded from the caller.
+    unsafe { attention(&mut a.atty, probs, qkv, kv, rows, t, pos0, c, h) };
+    linear(tmp, &a.atty, p.attn.c_proj.weight, pk.map(|k| &k.proj), Some(p.attn.c_proj.bias), n);
+    add(&mut a.res2, input, tmp);
+    layernorm_forward(&mut a.ln2, &mut a.ln2_mean, &mut a.ln2_rstd, &a.res2, p.ln_2.weight, p.ln_2.bias, c);
+    linear(&mut a.fch, &a.ln2, p.mlp.c_fc.weight, pk.map(|k| &k.fc), Some(p.mlp.c_fc.bias), n);
+    gelu_forward(&mut a.fch_gelu, &a.fch);
+    linear(tmp, &a.fch_gelu, p.mlp.c_proj.weight, pk.map(|k| &k.fcp), Some(p.mlp.c_proj.bias), n);
+    add(&mut a.res3, &a.res2, tmp);
+}
+
+/// Every buffer a training (or scoring) pass needs for a fixed (B, T), allocated once.
+struct Acts {
+    b: usize,
+    t: usize,
+    x0: Vec<f32>, // (BT, C) embeddings
+    layers: Vec<LayerActs>,
+    lnf: Vec<f32>,      // (BT, C)
+    lnf_mean: Vec<f32>, // (BT)
+    lnf_rstd: Vec<f32>, // (BT)
+    logits: Vec<f32>,   // (BT, V); after the loss, d loss / d logits
+    losses: Vec<f32>,   // (BT)
+    tmp_c: Vec<f32>,    // (BT, C)
+    // Gradient scratch.
+    d_res: Vec<f32>, // (BT, C)
+    d_c: Vec<f32>,   // (BT, C)
+    d_4c: Vec<f32>,  // (BT, 4C)
+    d_3c: Vec<f32>,  // (BT, 3C)
+    d_att: Vec<f32>, // (B, H, T, T)
+}
+
+impl Acts {
+    fn new(cfg: &ModelConfig, b: usize, t: usize) -> Self {
+        let (c, h, bt) = (cfg.d_model, cfg.n_head, b * t);
+        let z = |n: usize| vec![0f32; n];
+        Self {
+            b,
+            t,
+            x0: z(bt * c),
+            layers: (0..cfg.n_layer).map(|_| LayerActs::new(bt, c, b * h * t * t)).collect(),
+            lnf: z(bt * c),
+            lnf_mean: z(bt),
+            lnf_rstd: z(bt),
+            logits: z(bt * cfg.vocab_size),
+            losses: z(bt),
+            tmp_c: z(bt * c),
+            d_res: z(bt * c),
+            d_c: z(bt * c),
+            d_4c: z(bt * 4 * c),
+            d_3c: z(bt * 3 * c),
+            d_att: z(b * h * t * t),
+        }
+    }
+
+    /// Reuses the buffers when the shape is the same.
+    fn ensure<'a>(slot: &'a mut Option<Acts>, cfg: &ModelConfig, b: usize, t: usize) -> &'a mut Acts {
+        if slot.as_ref().is_none_or(|a| a.b != b || a.t != t) {
+            *slot = Some(Acts::new(cfg, b, t));
+        }
+        slot.as_mut().expect("allocated above")
+    }
+}
+
+/// Forward over whole sequences: inputs and targets (B, T) row-major. Leaves every activation in
+/// `a`, the NLL of each target in `a.losses`, and d(mean loss)/d(logits) in `a.logits`; returns
+/// the mean loss.
+fn forward_sequences(
+    cfg: &ModelConfig,
+    w: &Params<&[f32]>,
+    a: &mut Acts,
+    inputs: &[u32],
+    targets: &[u32],
+) -> f32 {
+    let (b, t, c, v, h) = (a.b, a.t, cfg.d_model, cfg.vocab_size, cfg.n_head);
+    let bt = b * t;
+    embed(&mut a.x0, w, inputs, t, 0, c);
+    for l in 0..cfg.n_layer {
+        let (done, rest) = a.layers.split_at_mut(l);
+        let la = &mut rest[0];
+        let input: &[f32] = if l == 0 { &a.x0 } else { &done[l - 1].r.res3 };
+        block_qkv(&w.h[l], None, &mut la.q, input, bt, c);
+        // Keys and values straight from qkv: position j of head hi of sequence r at row r·T + j.
+        let qkv = &la.q.qkv;
+        let kv = KvLayout {
+            k: qkv[c..].as_ptr(),
+            v: qkv[2 * c..].as_ptr(),
+            seq: t * 3 * c,
+            head: c / h,
+            pos: 3 * c,
+        };
+        // SAFETY: kv describes the k and v columns of qkv, (B·T, 3C), which outlives the call.
+        unsafe {
+            block_rest(&w.h[l], None, &mut la.r, &mut a.tmp_c, input, qkv, kv, true, (b, t, 0), (c, h))
+        };
+    }
+    let last = &a.layers[cfg.n_layer - 1].r.res3;
+    layernorm_forward(&mut a.lnf, &mut a.lnf_mean, &mut a.lnf_rstd, last, w.ln_f.weight, w.ln_f.bias, c);
+    matmul_forward(&mut a.logits, &a.lnf, w.wte, None, bt, c, v);
+    // Fused softmax + cross-entropy; the logits buffer becomes d(mean loss)/d(logits).
+    let inv_n = 1.0 / bt as f32;
+    a.logits.par_chunks_mut(v).zip(a.losses.par_iter_mut()).enumerate().for_each(|(row, (x, loss))| {
+        let m = max(x);
+        let target = targets[row] as usize;
+        let logit = x[target];
+        for y in x.iter_mut() {
+            *y = super::kernels::fast_exp(*y - m);
+        }
+        let total = sum(x);
+        let inv = 1.0 / total;
+        *loss = m + total.ln() - logit; // −log softmax, finite even when the target's probability underflows
+        for y in x.iter_mut() {
+            *y *= inv * inv_n;
+        }
+        x[target] -= inv_n;
+    });
+    a.losses.iter().map(|&x| x as f64).sum::<f64>() as f32 * inv_n
+}
+
+/// Backward of [`forward_sequences`]: accumulates every gradient into `g` (zeroed by the caller).
+fn backward(cfg: &ModelConfig, w: &Params<&[f32]>, g: &mut Params<&mut [f32]>, a: &mut Acts, inputs: &[u32]) {
+    let (b, t, c, v, h) = (a.b, a.t, cfg.d_model, cfg.vocab_size, cfg.n_head);
+    let bt = b * t;
+    // LM head (tied): d lnf = dlogits · wte; d wte += dlogits^T · lnf.
+    matmul_backward(&mut a.d_c, g.wte, None, &a.logits, &a.lnf, w.wte, bt, c, v);
+    a.d_res.fill(0.0);
+    let last = &a.layers[cfg.n_layer - 1].r.res3;
+    let (lf, glf) = (&w.ln_f, &mut g.ln_f);
+    layernorm_backward(
+        &mut a.d_res,
+        glf.weight,
+        glf.bias,
+        &a.d_c,
+        last,
+        lf.weight,
+        &a.lnf_mean,
+        &a.lnf_rstd,
+        c,
+    );
+    for l in (0..cfg.n_layer).rev() {
+        let (done, rest) = a.layers.split_at(l);
+        let (lq, lr) = (&rest[0].q, &rest[0].r);
+        let input: &[f32] = if l == 0 { &a.x0 } else { &done[l - 1].r.res3 };
+        let (p, gp) = (&w.h[l], &mut g.h[l]);
+        // res3 = res2 + c_proj(gelu(c_fc(ln_2(res2)))): d_res is d res3.
+        let (fc, gfc) = (&p.mlp.c_fc, &mut gp.mlp.c_fc);
+        let (fcp, gfcp) = (&p.mlp.c_proj, &mut gp.mlp.c_proj);
+        matmul_backward(
+            &mut a.d_4c,
+            gfcp.weight,
+            Some(gfcp.bias),
+            &a.d_res,
+            &lr.fch_gelu,
+            fcp.weight,
+            bt,
+            4 * c,
+            c,
+        );
+        gelu_backward(&mut a.d_4c, &lr.fch);
+        matmul_backward(&mut a.d_c, gfc.weight, Some(gfc.bias), &a.d_4c, &lr.ln2, fc.weight, bt, c, 4 * c);
+        let (ln2, gln2) = (&p.ln_2, &mut gp.ln_2);
+        let (m2, r2) = (&lr.ln2_mean, &lr.ln2_rstd);
+        layernorm_backward(&mut a.d_res, gln2.weight, gln2.bias, &a.d_c, &lr.res2, ln2.weight, m2, r2, c);
+        // res2 = input + c_proj(attention(c_attn(ln_1(input)))): d_res is now d res2.
+        let (proj, gproj) = (&p.attn.c_proj, &mut gp.attn.c_proj);
+        matmul_backward(
+            &mut a.d_c,
+            gproj.weight,
+            Some(gproj.bias),
+            &a.d_res,
+            &lr.atty,
+            proj.weight,
+            bt,
+            c,
+            c,
+        );
+        attention_backward(&mut a.d_3c, &mut a.d_att, &a.d_c, &lq.qkv, &lr.att, b, t, c, h);
+        let (qkv, gqkv) = (&p.attn.c_attn, &mut gp.attn.c_attn);
+        matmul_backward(&mut a.d_c, gqkv.weight, Some(gqkv.bias), &a.d_3c, &lq.ln1, qkv.weight, bt, c, 3 * c);
+        let (ln1, gln1) = (&p.ln_1, &mut gp.ln_1);
+        let (m1, r1) = (&lq.ln1_mean, &lq.ln1_rstd);
+        layernorm_backward(&mut a.d_res, gln1.weight, gln1.bias, &a.d_c, input, ln1.weight, m1, r1, c);
+    }
+    // Embeddings.
+    for (row, d) in a.d_res.chunks(c).enumerate() {
+        let tok = inputs[row] as usize;
+        let pos = row % t;
+        g.wte[tok * c..(tok + 1) * c].iter_mut().zip(d).for_each(|(g, d)| *g += d);
+        g.wpe[pos * c..(pos + 1) * c].iter_mut().zip(d).for_each(|(g, d)| *g += d);
+    }
+}
+
+/// A model's weights in one flat buffer laid out by the description.
+#[derive(Clone)]
+struct Flat {
+    layout: Params<Range<usize>>,
+    data: Vec<f32>,
+}
+
+impl Flat {
+    fn new(cfg: &ModelConfig, weights: &Weights) -> Self {
+        let (layout, total) = flat_layout(cfg);
+        let mut data = Vec::with_capacity(total);
+        for w in weights.iter() {
+            data.extend_from_slice(w);
+        }
+        assert_eq!(data.len(), total, "weights of another shape");
+        Self { layout, data }
+    }
+
+    fn zeros_like(&self) -> Vec<f32> {
+        vec![0f32; self.data.len()]
+    }
+
+    fn view(&self) -> Params<&[f32]> {
+        split(&self.layout, &self.data)
+    }
+
+    fn weights(&self) -> Weights {
+        self.view().map(|s| s.to_vec())
+    }
+}
+
+/// The fast trainer: parameters, gradients, AdamW state and activation buffers.
+pub struct Trainer {
+    pub cfg: ModelConfig,
+    w: Flat,
+    g: Vec<f32>,
+    m: Vec<f32>,
+    v: Vec<f32>,
+    /// Each parameter's range in the buffers and whether AdamW decays it.
+    params: Vec<(Range<usize>, bool)>,
+    step: i32,
+    acts: Option<Acts>,
+}
+
+impl Trainer {
+    pub fn new(cfg: &ModelConfig, weights: &Weights) -> Self {
+        let w = Flat::new(cfg, weights);
+        let specs = describe(cfg);
+        let params =
+            specs.iter().into_iter().zip(w.layout.iter()).map(|(s, r)| (r.clone(), s.decay)).collect();
+        let zeros = w.zeros_like();
+        Self {
+            cfg: cfg.clone(),
+            g: zeros.clone(),
+            m: zeros.clone(),
+            v: zeros,
+            w,
+            params,
+            step: 0,
+            acts: None,
+        }
+    }
+
+    /// The current weights, copied out.
+    pub fn weights(&self) -> Weights {
+        self.w.weights()
+    }
+
+    /// Gradients by parameter name (for tests against candle autograd).
+    pub fn grads(&self) -> Vec<(String, Vec<f32>)> {
+        let names = describe(&self.cfg);
+        names
+            .iter()
+            .into_iter()
+            .zip(&self.params)
+            .map(|(s, (r, _))| (s.name.clone(), self.g[r.clone()].to_vec()))
+            .collect()
+    }
+
+    /// Forward and backward of the mean cross-entropy of `inputs` → `targets`, both (B, T) row-major.
+    /// Gradients are left in the trainer; returns the loss.
+    pub fn forward_backward(&mut self, inputs: &[u32], targets: &[u32], b: usize, t: usize) -> f32 {
+        assert!(t <= self.cfg.ctx && inputs.len() == b * t && targets.len() == b * t);
+        let acts = Acts::ensure(&mut self.acts, &self.cfg, b, t);
+        let w = self.w.view();
+        let loss = forward_sequences(&self.cfg, &w, acts, inputs, targets);
+        self.g.fill(0.0);
+        let mut g = split_mut(&self.w.layout, &mut self.g);
+        backward(&self.cfg, &w, &mut g, acts, inputs);
+        loss
+    }
+
+    /// Global L2 norm of the gradients (summed parameter by parameter, in f64).
+    pub fn grad_norm(&self) -> f64 {
+        let sq: f64 = self
+            .params
+            .iter()
+            .map(|(r, _)| self.g[r.clone()].iter().map(|&x| (x as f64) * (x as f64)).sum::<f64>())
+            .sum();
+        sq.sqrt()
+    }
+
+    /// One AdamW update (decoupled weight decay on the parameters the description marks), gradients
+    /// scaled by `grad_scale`; the same arithmetic as [`super::candle::AdamW`].
+    pub fn adamw(&mut self, lr: f64, grad_scale: f64, beta1: f64, beta2: f64, weight_decay: f64) {
+        self.step += 1;
+        let (c1, c2) = (1.0 - beta1.powi(self.step), 1.0 - beta2.powi(self.step));
+        let (b1, b2, s) = (beta1 as f32, beta2 as f32, grad_scale as f32);
+        let (ic1, ic2, lr32) = ((1.0 / c1) as f32, (1.0 / c2) as f32, lr as f32);
+        for (r, decays) in &self.params {
+            let decay = if *decays { (1.0 - lr * weight_decay) as f32 } else { 1.0 };
+            let p = &mut self.w.data[r.clone()];
+            let (g, m, v) = (&self.g[r.clone()], &mut self.m[r.clone()], &mut self.v[r.clone()]);
+            p.par_chunks_mut(4096)
+                .zip(g.par_chunks(4096))
+                .zip(m.par_chunks_mut(4096))
+                .zip(v.par_chunks_mut(4096))
+                .for_each(|(((p, g), m), v)| {
+                    for i in 0..p.len() {
+                        let gi = g[i] * s;
+                        m[i] = b1 * m[i] + (1.0 - b1) * gi;
+                        v[i] = b2 * v[i] + (1.0 - b2) * gi * gi;
+                        let update = (m[i] * ic1) / ((v[i] * ic2).sqrt() + 1e-8);
+                        p[i] = p[i] * decay - lr32 * update;
+                    }
+                });
+        }
+    }
+
+    /// A scorer on the current weights (validation during training).
+    pub fn scorer(&self) -> Scorer<'_> {
+        Scorer { cfg: &self.cfg, w: self.w.view(), acts: None }
+    }
+}
+
+/// A trained model for inference on the fast engine.
+#[derive(Clone)]
+pub struct Model {
+    pub cfg: ModelConfig,
+    w: Flat,
+}
+
+impl Model {
+    pub fn new(cfg: &ModelConfig, weights: &Weights) -> Self {
+        Self { cfg: cfg.clone(), w: Flat::new(cfg, weights) }
+    }
+
+    pub fn weights(&self) -> Weights {
+        self.w.weights()
+    }
+
+    pub fn scorer(&self) -> Scorer<'_> {
+        Scorer { cfg: &self.cfg, w: self.w.view(), acts: None }
+    }
+
+    /// A KV-cache decoder for `rows` sequences advancing together.
+    pub fn decoder(&self, rows: usize) -> Decoder<'_> {
+        Decoder::new(&self.cfg, self.w.view(), rows)
+    }
+}
+
+/// Forward-only scoring: the NLL of every target token of a batch.
+pub struct Scorer<'a> {
+    cfg: &'a ModelConfig,
+    w: Params<&'a [f32]>,
+    acts: Option<Acts>,
+}
+
+impl Scorer<'_> {
+    /// inputs, targets: (B, T) row-major → NLL of each target, (B·T).
+    pub fn nlls(&mut self, inputs: &[u32], targets: &[u32], b: usize, t: usize) -> Vec<f32> {
+        assert!(t <= self.cfg.ctx && inputs.len() == b * t && targets.len() == b * t);
+        let acts = Acts::ensure(&mut self.acts, self.cfg, b, t);
+        forward_sequences(self.cfg, &self.w, acts, inputs, targets);
+        acts.losses.clone()
+    }
+}
+
+/// Inference with a KV cache: what sampling runs on the CPU. Rows are independent sequences that
+/// advance together; [`Decoder::select_rows`] reorders them for beam search.
+pub struct Decoder<'a> {
+    cfg: &'a ModelConfig,
+    w: Params<&'a [f32]>,
+    packed: Vec<PackedBlock>, // the blocks' weights in panels, for the few-row products of decoding
+    head: Panels,             // wte in panels: the LM head
+    rows: usize,
+    pos: usize,
+    k: Vec<Vec<f32>>, // per layer (rows, H, ctx, hs): each head's keys contiguous
+    v: Vec<Vec<f32>>, // per layer (rows, H, ctx, hs)
+}
+
+impl<'a> Decoder<'a> {
+    fn new(cfg: &'a ModelConfig, w: Params<&'a [f32]>, rows: usize) -> Self {
+        let (c, n) = (cfg.d_model, rows * cfg.ctx * cfg.d_model);
+        Self {
+            packed: w.h.iter().map(|p| PackedBlock::new(p, c)).collect(),
+            head: Panels::new(w.wte, cfg.vocab_size, c),
+            cfg,
+            w,
+            rows,
+            pos: 0,
+            k: vec![vec![0f32; n]; cfg.n_layer],
+            v: vec![vec![0f32; n]; cfg.n_layer],
+        }
+    }
+
+    /// Positions already in the cache.
+    pub fn len(&self) -> usize {
+        self.pos
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.pos == 0
+    }
+
+    /// Keeps the cache rows `rows` (in that order, repeats allowed): the new row i is old row rows[i].
+    pub fn select_rows(&mut self, rows: &[usize]) {
+        let per_row = self.cfg.ctx * self.cfg.d_model;
+        for cache in self.k.iter_mut().chain(self.v.iter_mut()) {
+            let mut next = vec![0f32; rows.len() * per_row];
+            for (i, &r) in rows.iter().enumerate() {
+                next[i * per_row..(i + 1) * per_row].copy_from_slice(&cache[r * per_row..(r + 1) * per_row]);
+            }
+            *cache = next;
+        }
+        self.rows = rows.len();
+    }
+
+    /// tokens: (rows, t) at positions len()..len()+t → logits of the last position, (rows, V).
+    pub fn forward(&mut self, tokens: &[u32], t: usize) -> Vec<f32> {
+        let (cfg, c, h) = (self.cfg, self.cfg.d_model, self.cfg.n_head);
+        let (rows, pos0, hs) = (self.rows, self.pos, c / h);
+        assert!(tokens.len() == rows * t && pos0 + t <= cfg.ctx, "decoder input does not fit");
+        let n = rows * t;
+        let mut x = vec![0f32; n * c];
+        embed(&mut x, &self.w, tokens, t, pos0, c);
+        let mut la = LayerActs::new(n, c, 0);
+        let mut tmp = vec![0f32; n * c];
+        let kv_of = |kc: &[f32], vc: &[f32]| KvLayout {
+            k: kc.as_ptr(),
+            v: vc.as_ptr(),
+            seq: h * cfg.ctx * hs,
+            head: cfg.ctx * hs,
+            pos: hs,
+        };
+        for l in 0..cfg.n_layer {
+            let (p, pk) = (&self.w.h[l], Some(&self.packed[l]));
+            block_qkv(p, pk, &mut la.q, &x, n, c);
+            // Append this step's keys and values to the cache: row r, head hi, position pos0 + i.
+            let (kc, vc) = (&mut self.k[l], &mut self.v[l]);
+            for (i, q) in la.q.qkv.chunks(3 * c).enumerate() {
+                for hi in 0..h {
+                    let at = (((i / t) * h + hi) * cfg.ctx + pos0 + i % t) * hs;
+                    kc[at..at + hs].copy_from_slice(&q[c + hi * hs..c + (hi + 1) * hs]);
+                    vc[at..at + hs].copy_from_slice(&q[2 * c + hi * hs..2 * c + (hi + 1) * hs]);
+                }
+            }
+            let kv = kv_of(kc, vc);
+            if l + 1 == cfg.n_layer && t > 1 {
+                // Only the last position of each row feeds the logits, so once the last block's
+                // keys and values are cached, the rest of that block runs on those rows alone.
+                let (qkv, input) = (last_rows(&la.q.qkv, rows, t, 3 * c), last_rows(&x, rows, t, c));
+                let mut last = LayerActs::new(rows, c, 0);
+                tmp.truncate(rows * c);
+                // SAFETY: kv points into this layer's cache, valid for rows × H × (pos0 + t).
+                unsafe {
+                    block_rest(
+                        p,
+                        pk,
+                        &mut last.r,
+                        &mut tmp,
+                        &input,
+                        &qkv,
+                        kv,
+                        false,
+                        (rows, 1, pos0 + t - 1),
+                        (c, h),
+                    )
+                };
+                x = std::mem::take(&mut last.r.res3);
+            } else {
+                // SAFETY: as above.
+                unsafe {
+                    block_rest(p, pk, &mut la.r, &mut tmp, &x, &la.q.qkv, kv, false, (rows, t, pos0), (c, h))
+                };
+                std::mem::swap(&mut x, &mut la.r.res3);
+            }
+        }
+        self.pos += t;
+        // x is now (rows, C): each row's last position, the only one that needs logits.
+        debug_assert_eq!(x.len(), rows * c);
+        let (mut lnl, mut m1, mut r1) = (vec![0f32; rows * c], vec![0f32; rows], vec![0f32; rows]);
+        layernorm_forward(&mut lnl, &mut m1, &mut r1, &x, self.w.ln_f.weight, self.w.ln_f.bias, c);
+        let mut logits = vec![0f32; rows * cfg.vocab_size];
+        linear(&mut logits, &lnl, self.w.wte, Some(&self.head), None, rows);
+        logits
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::model::candle::{loss, AdamW, Gpt};
+    use crate::model::init_weights;
+    use candle_core::{Device, Tensor};
+
+    fn cfg() -> ModelConfig {
+        ModelConfig { vocab_size: 37, ctx: 12, d_model: 24, n_layer: 2, n_head: 3, dropout: 0.0 }
+    }
+
+    /// The fast path's loss and every gradient equal candle autograd's on a tiny model:
+    /// |fast − candle| ≤ 1e-4 + 1e-3·|candle| element-wise (f32, different summation orders).
+    #[test]
+    fn loss_and_gradients_match_candle_autograd() {
+        let cfg = cfg();
+        let dev = Device::Cpu;
+        let w0 = init_weights(&cfg, 11);
+        let (model, vars) = Gpt::trainable(&cfg, &w0, &dev).unwrap();
+        let (b, t) = (3, 10);
+        let x: Vec<u32> = (0..b * t).map(|i| ((i * 7 + 3) % 37) as u32).collect();
+        let y: Vec<u32> = (0..b * t).map(|i| ((i * 5 + 1) % 37) as u32).collect();
+        let xt = Tensor::from_vec(x.clone(), (b, t), &dev).unwrap();
+        let yt = Tensor::from_vec(y.clone(), (b, t), &dev).unwrap();
+        let reference = loss(&model.forward(&xt, None).unwrap(), &yt).unwrap();
+        let grads = reference.backward().unwrap();
+        let mut fast = Trainer::new(&cfg, &w0);
+        let fast_loss = fast.forward_backward(&x, &y, b, t);
+        let ref_loss = reference.to_scalar::<f32>().unwrap();
+        assert!((fast_loss - ref_loss).abs() < 1e-5, "loss {fast_loss} vs {ref_loss}");
+        for ((name, g), (var, _)) in fast.grads().into_iter().zip(&vars) {
+            let want = grads.get(var.as_tensor()).unwrap().flatten_all().unwrap().to_vec1::<f32>().unwrap();
+            let (i, diff) = g
+                .iter()
+                .zip(&want)
+                .map(|(a, b)| (a - b).abs() - 1e-3 * b.abs())
+                .enumerate()
+                .fold((0, f32::MIN), |acc, (i, d)| if d > acc.1 { (i, d) } else { acc });
+            assert!(diff <= 1e-4, "{name}[{i}]: fast {} vs candle {}", g[i], want[i]);
+        }
+    }
+
+    /// A prefill of more rows than the panels take (30 prompts × 10 tokens = 300 > PANEL_MAX_ROWS,
+    /// so gemm) in a one-block model, whose only block is also the last (shrunk to 30 rows, so
+    /// panels), then a decoding step: candle's full-forward logits at both positions.
+    #[test]
+    fn large_prefill_and_single_block_match_the_candle_forward() {
+        let cfg = ModelConfig { n_layer: 1, ..cfg() };
+        let w = init_weights(&cfg, 9);
+        let gpt = Gpt::new(&cfg, &w, &Device::Cpu).unwrap();
+        let model = Model::new(&cfg, &w);
+        let rows = 30;
+        let panel_max = crate::model::kernels::PANEL_MAX_ROWS;
+        assert!(rows * 10 > panel_max && rows <= panel_max, "the prefill must take the gemm path");
+        let seqs: Vec<u32> = (0..rows * 11).map(|i| ((i * 13 + i / 11) % 37) as u32).collect();
+        let x = Tensor::from_vec(seqs.clone(), (rows, 11), &Device::Cpu).unwrap();
+        let full = gpt.forward(&x, None).unwrap().to_vec3::<f32>().unwrap(); // (rows, 11, V)
+        let mut dec = model.decoder(rows);
+        let prompt: Vec<u32> = (0..rows).flat_map(|r| seqs[r * 11..r * 11 + 10].to_vec()).collect();
+        let next: Vec<u32> = (0..rows).map(|r| seqs[r * 11 + 10]).collect();
+        for (logits, pos) in [(dec.forward(&prompt, 10), 9), (dec.forward(&next, 1), 10)] {
+            for r in 0..rows {
+                let got = &logits[r * 37..(r + 1) * 37];
+                let diff = got.iter().zip(&full[r][pos]).map(|(a, b)| (a - b).abs()).fold(0f32, f32::max);
+                assert!(diff < 1e-4, "row {r} position {pos}: max |Δ| {diff}");
+            }
+        }
+    }
+
+    /// The fast decoder (prefill, then one token at a time, then a beam-style row reorder) gives
+    /// candle's full-forward logits at every step.
+    #[test]
+    fn decoder_matches_the_candle_forward() {
+        let cfg = cfg();
+        let w = init_weights(&cfg, 4);
+        let gpt = Gpt::new(&cfg, &w, &Device::Cpu).unwrap();
+        let model = Model::new(&cfg, &w);
+        let seqs: [Vec<u32>; 2] = [vec![3, 1, 4, 1, 5, 9, 2, 6], vec![2, 7, 1, 8, 2, 8, 1, 8]];
+        let full: Vec<Vec<Vec<f32>>> = seqs
+            .iter()
+            .map(|s| {
+                let x = Tensor::from_vec(s.clone(), (1, s.len()), &Device::Cpu).unwrap();
+                gpt.forward(&x, None).unwrap().to_vec3::<f32>().unwrap().remove(0)
+            })
+            .collect();
+        let mut dec = model.decoder(2);
+        let prompt: Vec<u32> = seqs.iter().flat_map(|s| s[..5].to_vec()).collect();
+        let check = |logits: &[f32], pos: usize, order: [usize; 2]| {
+            for (row, &s) in order.iter().enumerate() {
+                let got = &logits[row * 37..(row + 1) * 37];
+                let diff = got.iter().zip(&full[s][pos]).map(|(a, b)| (a - b).abs()).fold(0f32, f32::max);
+                assert!(diff < 1e-4, "sequence {s} position {pos}: max |Δ| {diff}");
+            }
+        };
+        check(&dec.forward(&prompt, 5), 4, [0, 1]);
+        check(&dec.forward(&[seqs[0][5], seqs[1][5]], 1), 5, [0, 1]);
+        dec.select_rows(&[1, 0]);
+        check(&dec.forward(&[seqs[1][6], seqs[0][6]], 1), 6, [1, 0]);
+        assert_eq!(dec.len(), 7);
+    }
+
+    /// After training steps, the fast trainer's weights equal those of candle autograd with the
+    /// candle AdamW: the two optimisers do the same arithmetic.
+    #[test]
+    fn adamw_matches_the_candle_optimizer() {
+        let cfg = cfg();
+        let dev = Device::Cpu;
+        let w0 = init_weights(&cfg, 2);
+        let (model, vars) = Gpt::trainable(&cfg, &w0, &dev).unwrap();
+        let mut fast = Trainer::new(&cfg, &w0);
+        let tc = crate::config::Config::preset("smoke").unwrap().train;
+        let mut opt = AdamW::new(vars, &tc).unwrap();
+        let (b, t) = (2, 8);
+        for step in 0..3 {
+            let x: Vec<u32> = (0..b * t).map(|i| ((i * 3 + step) % 37) as u32).collect();
+            let y: Vec<u32> = (0..b * t).map(|i| ((i * 11 + step) % 37) as u32).collect();
+            let xt = Tensor::from_vec(x.clone(), (b, t), &dev).unwrap();
+            let yt = Tensor::from_vec(y.clone(), (b, t), &dev).unwrap();
+            let grads = loss(&model.forward(&xt, None).unwrap(), &yt).unwrap().backward().unwrap();
+            opt.step(&grads, 1e-2, 0.5).unwrap();
+            fast.forward_backward(&x, &y, b, t);
+            fast.adamw(1e-2, 0.5, tc.beta1, tc.beta2, tc.weight_decay);
+        }
+        let (a, bw) = (model.weights().unwrap(), fast.weights());
+        for ((s, p), q) in describe(&cfg).iter().into_iter().zip(a.iter()).zip(bw.iter()) {
+            let diff = p.iter().zip(q.iter()).map(|(x, y)| (x - y).abs()).fold(0f32, f32::max);
+            assert!(diff < 1e-4, "{}: max |Δ| {diff}", s.name);
+        }
+    }
+}
