@@ -2,7 +2,7 @@
 //! training summary) and `tokenizer.json` (the frozen tokenizer). Written by [`train_model_dir`]
 //! (the `train` command and every generation of a run), read by `eval`, sampling and `resume`.
 
-use crate::config::Config;
+use crate::config::{Config, TrainConfig};
 use crate::files::{write_atomic, write_json};
 use crate::model::engine::{Engine, Model};
 use crate::model::{load_weights, ModelConfig, Weights};
@@ -16,14 +16,29 @@ pub const WEIGHTS: &str = "model.safetensors";
 pub const MODEL_JSON: &str = "model.json";
 pub const TOKENIZER: &str = "tokenizer.json";
 
+/// The format of `model.json` this build writes; older ones keep opening, newer ones are refused.
+/// Format 1 (0.1.0) had no `format` key and no record of the weights a model started from.
+pub const MODEL_FORMAT: u32 = 2;
+
+fn format_1() -> u32 {
+    1
+}
+
 /// The contents of `model.json`.
 #[derive(Debug, Clone, Serialize, Deserialize)]
 pub struct ModelInfo {
+    #[serde(default = "format_1")]
+    pub format: u32,
     pub crate_version: String,
     /// The architecture actually built (its vocabulary is the tokenizer's).
     pub model: ModelConfig,
+    #[serde(deserialize_with = "crate::config::saved")]
     pub config: Config,
     pub tokenizer_sha256: String,
+    /// sha256 of the weights training started from, when they were not fresh (a base model or the
+    /// previous generation).
+    #[serde(default)]
+    pub init_sha256: Option<String>,
     pub training: TrainSummary,
 }
 
@@ -36,10 +51,15 @@ pub fn write_model_dir(dir: &Path, info: &ModelInfo, tok: &Tokenizer) -> Result<
 /// What to train into a model directory.
 pub struct TrainJob<'a> {
     pub cfg: &'a Config,
+    /// The training settings this job uses: `cfg.train` from scratch, a fine-tuning variant of it
+    /// from a base model.
+    pub train_cfg: &'a TrainConfig,
     pub tok: &'a Tokenizer,
     /// The architecture (the config's, with the tokenizer's vocabulary).
     pub model: &'a ModelConfig,
     pub init: &'a Weights,
+    /// sha256 of the file `init` was read from (None for fresh weights).
+    pub init_sha256: Option<String>,
     pub train: &'a [u32],
     pub valid: &'a [u32],
     /// Seeds the batch order (and dropout).
@@ -57,7 +77,7 @@ pub fn train_model_dir(engine: &Engine, job: &TrainJob, dir: &Path) -> Result<Mo
         engine,
         job.model,
         job.init,
-        &job.cfg.train,
+        job.train_cfg,
         job.train,
         job.valid,
         job.cfg.data.block_size,
@@ -65,10 +85,12 @@ pub fn train_model_dir(engine: &Engine, job: &TrainJob, dir: &Path) -> Result<Mo
         &target,
     )?;
     let info = ModelInfo {
+        format: MODEL_FORMAT,
         crate_version: env!("CARGO_PKG_VERSION").to_string(),
         model: job.model.clone(),
         config: job.cfg.clone(),
         tokenizer_sha256: job.tok.sha256(),
+        init_sha256: job.init_sha256.clone(),
         training,
     };
     write_model_dir(dir, &info, job.tok)?;
@@ -87,7 +109,17 @@ pub fn read_info(dir: &Path) -> Result<ModelInfo> {
     let json_path = dir.join(MODEL_JSON);
     let text = std::fs::read_to_string(&json_path)
         .with_context(|| format!("cannot read {}", json_path.display()))?;
-    serde_json::from_str(&text).with_context(|| format!("{} is not a valid model.json", json_path.display()))
+    let info: ModelInfo = serde_json::from_str(&text)
+        .with_context(|| format!("{} is not a valid model.json", json_path.display()))?;
+    if info.format > MODEL_FORMAT {
+        bail!(
+            "{} was written by collapse-lab {} (model format {}); this build reads formats up to {MODEL_FORMAT}",
+            json_path.display(),
+            info.crate_version,
+            info.format
+        );
+    }
+    Ok(info)
 }
 
 /// Loads a model directory on `engine`, checking that its pieces belong together.

@@ -42,6 +42,8 @@ pub mod limits {
     pub const BEAM: usize = 64;
     pub const EPOCHS: f64 = 1e4;
     pub const STEPS: usize = 1 << 30;
+    /// The smallest BPE vocabulary: the 256 bytes, the two special tokens and one merge.
+    pub const MIN_BPE_VOCAB: usize = 256 + 2 + 1;
 }
 
 impl ModelConfig {
@@ -106,14 +108,14 @@ impl SamplerSettings {
             top_p,
             repetition_penalty,
         } = *self;
-        if !(temperature.is_finite() && temperature >= 0.0) {
-            return Err(must("sample.temperature", ">= 0 (0 = greedy)", temperature));
+        if !(0.0..=100.0).contains(&temperature) {
+            return Err(must("sample.temperature", "in [0, 100] (0 = greedy)", temperature));
         }
         if !(top_p > 0.0 && top_p <= 1.0) {
             return Err(must("sample.top_p", "in (0, 1] (1 = off)", top_p));
         }
-        if !(repetition_penalty.is_finite() && repetition_penalty > 0.0) {
-            return Err(must("sample.repetition_penalty", "> 0 (1 = off)", repetition_penalty));
+        if !(repetition_penalty > 0.0 && repetition_penalty <= 100.0) {
+            return Err(must("sample.repetition_penalty", "in (0, 100] (1 = off)", repetition_penalty));
         }
         Ok(())
     }
@@ -157,6 +159,63 @@ pub struct DataConfig {
     pub eval_lines: usize,
     /// Evaluation blocks and sampling prompts are this many tokens (64 in Shumailov et al.).
     pub block_size: usize,
+    /// With one text file as `--data`: the shares of its documents in train, valid and test.
+    pub split_ratio: [f64; 3],
+}
+
+/// Which tokenizer a run trains; every model of the run (and its base) shares it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, clap::ValueEnum)]
+#[serde(rename_all = "kebab-case")]
+pub enum TokenizerKind {
+    /// Byte-level BPE of `model.vocab_size` tokens: any text, but a small model writes non-words.
+    Bpe,
+    /// One token per word type (`<unk>` for the rest): wikitext-2's classic closed vocabulary. It
+    /// cannot write a word the training text lacks. `model.vocab_size` caps the vocabulary (0 = every
+    /// word type).
+    Word,
+}
+
+/// What the tokenizer is trained on.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, clap::ValueEnum)]
+#[serde(rename_all = "kebab-case")]
+pub enum TokenizerCorpus {
+    /// The run's real train lines (`data.train_lines`).
+    Real,
+    /// The whole train split (what a base model, pretrained on the rest of it, needs).
+    Train,
+}
+
+/// The tokenizer of a run.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct TokenizerConfig {
+    pub kind: TokenizerKind,
+    pub corpus: TokenizerCorpus,
+}
+
+/// How a generation is fine-tuned from the base model (`recursion.init = base`): its own budget and
+/// schedule; the rest (batch size, AdamW, clipping, evaluation, selection) is `train`'s.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct FinetuneConfig {
+    /// Passes over the generation's training set.
+    pub epochs: f64,
+    pub lr: f64,
+    /// The cosine schedule decays to this learning rate.
+    pub min_lr: f64,
+    pub warmup_steps: usize,
+}
+
+/// The base model that `recursion.init = base` fine-tunes every generation from: the run's
+/// architecture, pretrained with `train`'s settings on the train split's text after the real data
+/// (cut at a document boundary), cached by content in `checkpoints/bases/`.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct BaseConfig {
+    /// Use only the first N lines of that text (0 = all of it).
+    pub lines: usize,
+    /// The base's seed (its own, so that runs of several seeds share one base).
+    pub seed: u64,
 }
 
 /// Optimisation and model selection.
@@ -248,6 +307,8 @@ pub enum InitMode {
     Scratch,
     /// The previous generation's selected weights (fine-tuning).
     Previous,
+    /// The pretrained base model's weights, every generation (Shumailov et al.'s protocol).
+    Base,
 }
 
 /// The recursion: how many generations, on what data.
@@ -270,11 +331,17 @@ pub struct Config {
     pub preset: String,
     pub seed: u64,
     pub data: DataConfig,
+    pub tokenizer: TokenizerConfig,
     pub model: ModelConfig,
     pub train: TrainConfig,
+    pub finetune: FinetuneConfig,
+    pub base: BaseConfig,
     pub sample: SampleConfig,
     pub recursion: RecursionConfig,
 }
+
+/// The default shares of documents in train, valid and test when one file is split.
+pub const SPLIT: [f64; 3] = [0.9, 0.05, 0.05];
 
 /// The presets, smallest first.
 pub const PRESETS: [&str; 5] = ["smoke", "lab", "cpu", "cpu-large", "paper"];
@@ -313,6 +380,9 @@ impl Config {
             beam: 0,
             batch_size: 64,
         };
+        let bpe = TokenizerConfig { kind: TokenizerKind::Bpe, corpus: TokenizerCorpus::Real };
+        let finetune = FinetuneConfig { epochs: 1.0, lr: 1e-3, min_lr: 1e-4, warmup_steps: 20 };
+        let based = BaseConfig { lines: 0, seed: 0 };
         let recursion = RecursionConfig {
             generations: 5,
             regime: Regime::Replace,
@@ -325,7 +395,10 @@ impl Config {
             "smoke" => Config {
                 preset: name.into(),
                 seed: 0,
-                data: DataConfig { train_lines: 150, eval_lines: 60, block_size: 16 },
+                data: DataConfig { train_lines: 150, eval_lines: 60, block_size: 16, split_ratio: SPLIT },
+                tokenizer: bpe.clone(),
+                finetune: finetune.clone(),
+                base: based.clone(),
                 model: ModelConfig { ctx: 32, ..small(384, 32, 2, 2) },
                 train: TrainConfig {
                     batch_size: 8,
@@ -343,7 +416,10 @@ impl Config {
             "lab" => Config {
                 preset: name.into(),
                 seed: 0,
-                data: DataConfig { train_lines: 1500, eval_lines: 0, block_size: 64 },
+                data: DataConfig { train_lines: 1500, eval_lines: 0, block_size: 64, split_ratio: SPLIT },
+                tokenizer: bpe.clone(),
+                finetune: finetune.clone(),
+                base: based.clone(),
                 model: small(2048, 96, 2, 4),
                 train: TrainConfig { epochs: 3.0, ..base.clone() },
                 sample,
@@ -353,7 +429,10 @@ impl Config {
             "cpu" => Config {
                 preset: name.into(),
                 seed: 0,
-                data: DataConfig { train_lines: 4000, eval_lines: 0, block_size: 64 },
+                data: DataConfig { train_lines: 4000, eval_lines: 0, block_size: 64, split_ratio: SPLIT },
+                tokenizer: bpe.clone(),
+                finetune: finetune.clone(),
+                base: based.clone(),
                 model: small(4096, 128, 2, 4),
                 train: TrainConfig { epochs: 2.0, ..base.clone() },
                 sample,
@@ -363,7 +442,10 @@ impl Config {
             "cpu-large" => Config {
                 preset: name.into(),
                 seed: 0,
-                data: DataConfig { train_lines: 0, eval_lines: 0, block_size: 64 },
+                data: DataConfig { train_lines: 0, eval_lines: 0, block_size: 64, split_ratio: SPLIT },
+                tokenizer: bpe.clone(),
+                finetune: finetune.clone(),
+                base: based.clone(),
                 model: small(4096, 128, 2, 4),
                 train: TrainConfig { epochs: 4.0, eval_interval: 250, ..base.clone() },
                 sample,
@@ -373,7 +455,10 @@ impl Config {
             "paper" => Config {
                 preset: name.into(),
                 seed: 0,
-                data: DataConfig { train_lines: 0, eval_lines: 0, block_size: 64 },
+                data: DataConfig { train_lines: 0, eval_lines: 0, block_size: 64, split_ratio: SPLIT },
+                tokenizer: bpe.clone(),
+                finetune: finetune.clone(),
+                base: based.clone(),
                 model: ModelConfig { dropout: 0.1, ..small(8192, 384, 6, 6) },
                 train: TrainConfig {
                     batch_size: 64,
@@ -408,10 +493,32 @@ impl Config {
                 serde_json::from_str(&text)
                     .map_err(|e| UsageError(format!("{} is not valid JSON: {e}", path.display())))?
             } else {
-                let t: toml::Value = toml::from_str(&text)
-                    .map_err(|e| UsageError(format!("{} is not valid TOML: {e}", path.display())))?;
+                let t: toml::Value = toml::from_str(&text).map_err(|e| {
+                    // One line: the message and where, not toml's multi-line excerpt.
+                    let at = e.span().map(|sp| {
+                        let line = text[..sp.start.min(text.len())].matches('\n').count() + 1;
+                        format!(" at line {line}")
+                    });
+                    UsageError(format!(
+                        "{} is not valid TOML{}: {}",
+                        path.display(),
+                        at.unwrap_or_default(),
+                        e.message().trim()
+                    ))
+                })?;
                 serde_json::to_value(t)?
             };
+            if !overlay.is_object() {
+                return usage(format!(
+                    "{}: expected an object of settings (e.g. {{\"train\": {{\"lr\": 0.001}}}}), got {}",
+                    path.display(),
+                    match overlay {
+                        Value::Array(_) => "an array",
+                        Value::Null => "null",
+                        _ => "a single value",
+                    }
+                ));
+            }
             let mut leaves = Vec::new();
             flatten("", &overlay, &mut leaves);
             for (key, v) in leaves {
@@ -437,7 +544,60 @@ impl Config {
     /// (and its flag when it has one). The only place settings are checked: `run`'s flags, `--set`,
     /// config files and `run.json` all come through here.
     pub fn validate(&self) -> Result<()> {
-        self.model.validate().map_err(UsageError)?;
+        if !PRESETS.contains(&self.preset.as_str()) {
+            return usage(format!("preset must be one of {}, got {:?}", PRESETS.join(", "), self.preset));
+        }
+        match self.tokenizer.kind {
+            // Every word type of the tokenizer's corpus: the size comes from the text.
+            TokenizerKind::Word if self.model.vocab_size == 0 => {
+                ModelConfig { vocab_size: 1, ..self.model.clone() }.validate().map_err(UsageError)?
+            }
+            _ => self.model.validate().map_err(UsageError)?,
+        }
+        if self.tokenizer.kind == TokenizerKind::Bpe && self.model.vocab_size < limits::MIN_BPE_VOCAB {
+            return usage(must(
+                "model.vocab_size",
+                &format!(
+                    "at least {} for a BPE tokenizer (256 bytes, 2 special tokens, a merge)",
+                    limits::MIN_BPE_VOCAB
+                ),
+                self.model.vocab_size,
+            ));
+        }
+        let ft = &self.finetune;
+        let ft_checks = [
+            (
+                "finetune.lr",
+                ft.lr > 0.0 && ft.lr <= 1e9 && ft.lr * self.train.weight_decay < 1.0,
+                format!("in (0, 1e9] and below 1 / train.weight_decay = {}", 1.0 / self.train.weight_decay),
+                ft.lr,
+            ),
+            (
+                "finetune.min_lr",
+                ft.min_lr >= 0.0 && ft.min_lr <= ft.lr,
+                format!("in [0, finetune.lr = {}]", ft.lr),
+                ft.min_lr,
+            ),
+            (
+                "finetune.epochs",
+                ft.epochs > 0.0 && ft.epochs <= limits::EPOCHS,
+                format!("in (0, {}]", limits::EPOCHS),
+                ft.epochs,
+            ),
+        ];
+        for (name, ok, expected, got) in ft_checks {
+            if !ok {
+                return usage(must(name, &expected, got));
+            }
+        }
+        let r = &self.data.split_ratio;
+        if r.iter().any(|x| !(x.is_finite() && *x > 0.0)) || (r.iter().sum::<f64>() - 1.0).abs() > 1e-9 {
+            return usage(must(
+                "data.split_ratio",
+                "three positive shares of train, valid and test adding up to 1",
+                format!("{r:?}"),
+            ));
+        }
         let t = &self.train;
         let sizes = [
             ("train.batch_size", t.batch_size, 1, limits::BATCH),
@@ -455,7 +615,7 @@ impl Config {
             }
         }
         let checks = [
-            ("train.lr", t.lr > 0.0 && t.lr.is_finite(), "> 0".to_string(), t.lr),
+            ("train.lr", t.lr > 0.0 && t.lr <= 1e9, "in (0, 1e9]".to_string(), t.lr),
             (
                 "train.min_lr",
                 t.min_lr >= 0.0 && t.min_lr <= t.lr,
@@ -470,16 +630,16 @@ impl Config {
             ),
             (
                 "train.weight_decay",
-                t.weight_decay >= 0.0 && t.weight_decay.is_finite(),
-                ">= 0".into(),
+                t.weight_decay >= 0.0 && t.lr * t.weight_decay < 1.0,
+                format!("in [0, 1 / train.lr = {})", 1.0 / t.lr),
                 t.weight_decay,
             ),
             ("train.beta1", (0.0..1.0).contains(&t.beta1), "in [0, 1)".into(), t.beta1),
             ("train.beta2", (0.0..1.0).contains(&t.beta2), "in [0, 1)".into(), t.beta2),
             (
                 "train.grad_clip",
-                t.grad_clip >= 0.0 && t.grad_clip.is_finite(),
-                ">= 0 (0 = off)".into(),
+                (0.0..=1e6).contains(&t.grad_clip),
+                "in [0, 1e6] (0 = off)".into(),
                 t.grad_clip,
             ),
             (
@@ -503,6 +663,42 @@ impl Config {
         }
         Ok(())
     }
+}
+
+/// Settings added after the first run format, with the values that reproduce what runs did before
+/// they existed. A config saved by an older build lacks them and gets these ([`saved`]).
+fn legacy_defaults() -> Value {
+    serde_json::json!({
+        "data": {"split_ratio": SPLIT},
+        "tokenizer": {"kind": "bpe", "corpus": "real"},
+        "finetune": {"epochs": 1.0, "lr": 1e-3, "min_lr": 1e-4, "warmup_steps": 20},
+        "base": {"lines": 0, "seed": 0},
+    })
+}
+
+/// Fills the keys `value` lacks from `defaults` (recursively); present keys are kept as they are.
+fn fill_missing(value: &mut Value, defaults: &Value) {
+    if let (Value::Object(v), Value::Object(d)) = (value, defaults) {
+        for (k, dv) in d {
+            match v.get_mut(k) {
+                Some(vv) => fill_missing(vv, dv),
+                None => {
+                    v.insert(k.clone(), dv.clone());
+                }
+            }
+        }
+    }
+}
+
+/// Reads a config saved in `run.json` or `model.json` by this build or an older one (for serde's
+/// `deserialize_with`): settings added since are filled with the values older runs used.
+pub fn saved<'de, D: serde::Deserializer<'de>>(d: D) -> std::result::Result<Config, D::Error> {
+    let mut value = Value::deserialize(d)?;
+    if !value.is_object() {
+        return Err(serde::de::Error::custom("config: expected an object of settings"));
+    }
+    fill_missing(&mut value, &legacy_defaults());
+    serde_json::from_value(value).map_err(serde::de::Error::custom)
 }
 
 /// Dotted paths of every leaf of a JSON object.

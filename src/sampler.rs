@@ -677,7 +677,7 @@ mod tests {
         let err = |s: SamplerSettings| s.validate().unwrap_err();
         assert_eq!(
             err(SamplerSettings { temperature: -1.0, ..d }),
-            "--temperature (sample.temperature) must be >= 0 (0 = greedy), got -1"
+            "--temperature (sample.temperature) must be in [0, 100] (0 = greedy), got -1"
         );
         assert!(err(SamplerSettings { temperature: f32::NAN, ..d }).starts_with("--temperature "));
         assert!(err(SamplerSettings { temperature: f32::INFINITY, ..d }).starts_with("--temperature "));

@@ -1,16 +1,20 @@
-//! The frozen byte-level BPE tokenizer: trained once on the real train split with the `tokenizers`
+//! The frozen tokenizer: byte-level BPE or one token per word, trained once with the `tokenizers`
 //! crate, saved as a Hugging Face `tokenizer.json` (loadable from Python's `tokenizers`), and used
-//! unchanged by every generation.
+//! unchanged by every generation of a run (and its base model).
 //!
 //! Conventions: a line of wikitext-2 is encoded as its trimmed text with a prefix space (GPT-2 style,
 //! so a word looks the same at the start of a line as inside it); `<unk>` is one token; every line is
 //! followed by [`EOT`], the boundary that blocks cross and that free sampling starts from.
 
+use crate::config::limits::MIN_BPE_VOCAB;
+use crate::config::TokenizerKind;
 use anyhow::{bail, Context, Result};
 use std::path::Path;
 use tokenizers::decoders::byte_level::ByteLevel as ByteLevelDecoder;
 use tokenizers::models::bpe::{BpeTrainerBuilder, BPE};
+use tokenizers::models::wordlevel::{WordLevel, WordLevelTrainerBuilder};
 use tokenizers::pre_tokenizers::byte_level::ByteLevel;
+use tokenizers::pre_tokenizers::whitespace::WhitespaceSplit;
 use tokenizers::{AddedToken, Tokenizer as HfTokenizer, TokenizerBuilder};
 
 /// The end-of-text token that separates lines (and articles).
@@ -26,12 +30,77 @@ pub struct Tokenizer {
 }
 
 impl Tokenizer {
+    /// Trains a tokenizer of `kind` on `lines`: BPE of exactly `vocab_size` tokens, or one token per
+    /// word type (at most `vocab_size`, 0 = all). Asking for more tokens than the text gives is an
+    /// error, not a silent clamp. Deterministic: the same lines give the same bytes.
+    pub fn train_kind<S: AsRef<str> + Sync>(
+        kind: TokenizerKind,
+        lines: &[S],
+        vocab_size: usize,
+    ) -> Result<Self> {
+        let tok = match kind {
+            TokenizerKind::Bpe => Self::train(lines, vocab_size)?,
+            TokenizerKind::Word => Self::train_words(lines, vocab_size)?,
+        };
+        if vocab_size > 0 && tok.vocab_size() < vocab_size {
+            return crate::config::usage(format!(
+                "model.vocab_size is {vocab_size}, but a {} tokenizer of these {} lines has only {} tokens \
+                 (set model.vocab_size to at most {}{})",
+                if kind == TokenizerKind::Bpe { "BPE" } else { "word" },
+                lines.len(),
+                tok.vocab_size(),
+                tok.vocab_size(),
+                if kind == TokenizerKind::Word { ", or 0 for every word" } else { "" }
+            ));
+        }
+        Ok(tok)
+    }
+
+    /// A word-level tokenizer: the special tokens, then the words of `lines` (split on whitespace)
+    /// from the most to the least frequent (ties by the word), at most `max_vocab` tokens in all (0 =
+    /// every word); others become [`UNK`].
+    pub fn train_words<S: AsRef<str> + Sync>(lines: &[S], max_vocab: usize) -> Result<Self> {
+        let specials = vec![AddedToken::from(EOT, true), AddedToken::from(UNK, true)];
+        let mut trainer = WordLevelTrainerBuilder::default()
+            .show_progress(false)
+            .vocab_size(if max_vocab == 0 { usize::MAX } else { max_vocab })
+            .min_frequency(0)
+            .special_tokens(specials.clone())
+            .build()
+            .map_err(|e| anyhow::anyhow!("building the word tokenizer's trainer: {e}"))?;
+        let model = WordLevel::builder()
+            .unk_token(UNK.into())
+            .build()
+            .map_err(|e| anyhow::anyhow!("building the word tokenizer: {e}"))?;
+        let mut tok = TokenizerBuilder::new()
+            .with_model(model)
+            .with_normalizer(None::<tokenizers::NormalizerWrapper>)
+            .with_pre_tokenizer(Some(WhitespaceSplit))
+            .with_post_processor(None::<tokenizers::PostProcessorWrapper>)
+            .with_decoder(None::<tokenizers::DecoderWrapper>)
+            .build()
+            .map_err(|e| anyhow::anyhow!("building the tokenizer: {e}"))?;
+        tok.add_special_tokens(specials).map_err(|e| anyhow::anyhow!("registering special tokens: {e}"))?;
+        // The trainer counts the special tokens' text as words too; leave them out, so that they
+        // are not listed twice and `max_vocab` counts distinct tokens.
+        let words: Vec<String> = lines
+            .iter()
+            .map(|l| {
+                l.as_ref().split_whitespace().filter(|w| *w != UNK && *w != EOT).collect::<Vec<_>>().join(" ")
+            })
+            .collect();
+        tok.train(&mut trainer, words.iter()).map_err(|e| anyhow::anyhow!("training the tokenizer: {e}"))?;
+        let json = tok.to_string(false).map_err(|e| anyhow::anyhow!("serialising the tokenizer: {e}"))?;
+        Self::from_json(&json).context("reloading the trained tokenizer")
+    }
+
     /// Trains a byte-level BPE of `vocab_size` tokens (including the byte alphabet and the two special
     /// tokens) on `lines`. Deterministic: the same lines give the same bytes.
     pub fn train<S: AsRef<str> + Sync>(lines: &[S], vocab_size: usize) -> Result<Self> {
-        let min = 256 + 2 + 1;
-        if vocab_size < min {
-            bail!("--vocab-size must be at least {min} (256 bytes, {EOT}, {UNK} and one merge), got {vocab_size}");
+        if vocab_size < MIN_BPE_VOCAB {
+            bail!(
+                "model.vocab_size must be at least {MIN_BPE_VOCAB} for BPE (256 bytes, {EOT}, {UNK} and one merge), got {vocab_size}"
+            );
         }
         let specials = vec![AddedToken::from(EOT, true), AddedToken::from(UNK, true)];
         let mut trainer = BpeTrainerBuilder::new()
@@ -57,12 +126,17 @@ impl Tokenizer {
         Self::from_json(&json).context("reloading the trained tokenizer")
     }
 
-    /// Parses a `tokenizer.json` text.
+    /// Parses a `tokenizer.json` text. It must have [`EOT`]; [`UNK`] is optional (the lab's own
+    /// tokenizers have it, GPT-2's has none).
     pub fn from_json(json: &str) -> Result<Self> {
         let inner = HfTokenizer::from_bytes(json.as_bytes()).map_err(|e| anyhow::anyhow!("{e}"))?;
         let eot = inner.token_to_id(EOT).with_context(|| format!("the tokenizer has no {EOT} token"))?;
-        inner.token_to_id(UNK).with_context(|| format!("the tokenizer has no {UNK} token"))?;
         Ok(Self { inner, json: json.to_string(), eot })
+    }
+
+    /// The id of [`UNK`], if the tokenizer has that token.
+    pub fn unk(&self) -> Option<u32> {
+        self.inner.token_to_id(UNK)
     }
 
     /// Loads `path` (a `tokenizer.json`), naming the file in every error.
@@ -225,5 +299,41 @@ mod tests {
     fn rejects_a_tiny_vocabulary_and_bad_json() {
         assert!(Tokenizer::train(&corpus(), 100).is_err());
         assert!(Tokenizer::from_json("{not json").is_err());
+    }
+
+    /// The word tokenizer: one token per word, most frequent first, `<unk>` for the rest; lines
+    /// round-trip and every token is a word of the training text.
+    #[test]
+    fn word_tokens_are_whole_words() {
+        let tok = Tokenizer::train_words(&corpus(), 0).unwrap();
+        // 2 specials + the distinct words of LINES (<unk> is a special token already).
+        let mut types: Vec<&str> = LINES.iter().flat_map(|l| l.split_whitespace()).collect();
+        types.sort();
+        types.dedup();
+        let words = types.iter().filter(|w| **w != UNK).count();
+        assert_eq!(tok.vocab_size(), 2 + words);
+        for line in LINES {
+            let ids = tok.encode(line).unwrap();
+            assert_eq!(ids.len(), line.split_whitespace().count(), "one token per word");
+            assert_eq!(tok.decode(&ids), line.split_whitespace().collect::<Vec<_>>().join(" "));
+        }
+        let unk = tok.unk().unwrap();
+        assert_eq!(tok.encode("Valkyria zzyzx").unwrap()[1], unk, "an unseen word is <unk>");
+        // The most frequent word gets the first id after the specials: "," or "the" or "." …
+        let capped = Tokenizer::train_words(&corpus(), 5).unwrap();
+        assert_eq!(capped.vocab_size(), 5);
+        let (ids, words) = tok.encode_words("the <unk> system , is").unwrap();
+        assert_eq!((ids.len(), words), (5, vec![0, 1, 2, 3, 4]));
+    }
+
+    /// Regression (issue 15, defect 16): a vocabulary the text cannot fill is an error naming the
+    /// setting, not a silent clamp.
+    #[test]
+    fn vocab_size_above_what_the_text_gives_is_refused() {
+        let e = Tokenizer::train_kind(TokenizerKind::Bpe, &corpus(), 100_000).err().unwrap().to_string();
+        assert!(e.contains("model.vocab_size is 100000") && e.contains("at most"), "{e}");
+        let e = Tokenizer::train_kind(TokenizerKind::Word, &corpus(), 100_000).err().unwrap().to_string();
+        assert!(e.contains("or 0 for every word"), "{e}");
+        assert!(Tokenizer::train_kind(TokenizerKind::Word, &corpus(), 0).is_ok());
     }
 }

@@ -389,6 +389,8 @@ fn divergence_stops_the_run_naming_generation_and_step() {
         "train.min_lr=0",
         "--set",
         "train.grad_clip=0",
+        "--set",
+        "train.weight_decay=0",
         "--out",
         out.to_str().unwrap(),
     ]);

@@ -6,7 +6,7 @@ pub mod table;
 
 use crate::checkpoint::{self, TrainJob};
 use crate::config::{usage, Config, UsageError, FLAGS, PRESETS};
-use crate::data::{self, default_data_dir, Split};
+use crate::data::{self, default_data_dir, Corpus, Split};
 use crate::files::{create_dir, write_atomic};
 use crate::metrics::baseline::{KneserNeyBigram, UnigramModel};
 use crate::model::engine::Engine;
@@ -64,8 +64,10 @@ pub enum Command {
 /// Where the data is and what to run on; shared by the commands that need them.
 #[derive(Debug, Args)]
 pub struct Common {
-    /// Directory holding wiki.{train,valid,test}.tokens [default: the copy shipped in data/wikitext-2]
-    #[arg(long, value_name = "DIR")]
+    /// The corpus: wikitext-2's directory, a directory of train/valid/test files (.txt, .tokens,
+    /// .jsonl with a "text" field; .gz too), or one such file split by documents
+    /// [default: the copy of wikitext-2 in data/wikitext-2]
+    #[arg(long, value_name = "PATH")]
     pub data: Option<PathBuf>,
     /// cpu, cuda, cuda:N, or auto (CUDA when built with it and a GPU is present)
     #[arg(long, default_value = "cpu")]
@@ -73,14 +75,18 @@ pub struct Common {
 }
 
 impl Common {
-    fn data_dir(&self) -> PathBuf {
-        self.data.clone().unwrap_or_else(default_data_dir)
+    /// The corpus of `--data` (wikitext-2 by default); a single file is split at `ratio`.
+    fn corpus(&self, ratio: [f64; 3]) -> Result<Corpus> {
+        Corpus::open(&self.data.clone().unwrap_or_else(default_data_dir), ratio)
     }
 }
 
 #[derive(Debug, Args)]
 pub struct PrepareArgs {
-    /// Vocabulary size, including the 256 bytes and the special tokens
+    /// bpe (byte-level BPE) or word (one token per word)
+    #[arg(long, value_enum, default_value = "bpe")]
+    pub kind: crate::config::TokenizerKind,
+    /// Vocabulary size, including the special tokens (and the 256 bytes of BPE); for word, 0 = every word
     #[arg(long, default_value_t = 4096)]
     pub vocab_size: usize,
     /// Use only the first N non-empty lines of the train split (0 = all)
@@ -210,6 +216,9 @@ pub struct RunArgs {
 pub struct ResumeArgs {
     /// The run directory
     pub run: PathBuf,
+    /// Extend the run to N generations (a finished run continues from where it ended)
+    #[arg(long)]
+    pub generations: Option<usize>,
     /// No progress bars or table
     #[arg(long)]
     pub quiet: bool,
@@ -378,16 +387,31 @@ pub fn run(cli: Cli) -> Result<()> {
         Command::Inspect(a) => inspect(a),
         Command::Toy(ToyCommand::Gaussian(a)) => toy_gaussian(a),
         Command::Compare(a) => {
+            // The same run named twice (e.g. `compare A A/`) counts once.
+            let mut runs: Vec<PathBuf> = Vec::new();
+            let mut seen = Vec::new();
             for r in &a.runs {
-                load_state(r).map_err(|e| UsageError(format!("{e:#}")))?;
+                load_state(r)?;
+                let canonical = r.canonicalize().unwrap_or_else(|_| r.clone());
+                if seen.contains(&canonical) {
+                    eprintln!("note: {} is named more than once; comparing it once", r.display());
+                    continue;
+                }
+                seen.push(canonical);
+                runs.push(r.clone());
             }
-            crate::compare::compare(&a.runs, &a.out)?;
+            crate::files::create_dir(&a.out)?;
+            let _lock = crate::files::DirLock::acquire(&a.out)?;
+            crate::files::remove_stale_temps(&a.out, 1)?;
+            crate::compare::compare(&runs, &a.out)?;
             println!("wrote {}", a.out.join("compare.html").display());
             Ok(())
         }
         Command::Sweep(a) => sweep(a),
         Command::Report(a) => {
-            load_state(&a.run).map_err(|e| UsageError(format!("{e:#}")))?;
+            load_state(&a.run)?;
+            let _lock = crate::files::DirLock::acquire(&a.run)?;
+            crate::files::remove_stale_temps(&a.run, 1)?;
             crate::report::write_report(&a.run)?;
             println!("wrote {}", a.run.join("report.html").display());
             Ok(())
@@ -434,8 +458,21 @@ fn check_preset(preset: &str) -> Result<()> {
 }
 
 fn prepare(a: PrepareArgs) -> Result<()> {
-    let lines = data::load_split(&a.common.data_dir(), Split::Train, a.train_lines)?;
-    let tok = Tokenizer::train(&lines, a.vocab_size).map_err(|e| UsageError(format!("{e:#}")))?;
+    let max = crate::config::limits::VOCAB;
+    if a.vocab_size > max {
+        return usage(format!("--vocab-size must be at most {max}, got {}", a.vocab_size));
+    }
+    if a.kind == crate::config::TokenizerKind::Bpe && a.vocab_size < crate::config::limits::MIN_BPE_VOCAB {
+        return usage(format!(
+            "--vocab-size must be at least {} for BPE, got {}",
+            crate::config::limits::MIN_BPE_VOCAB,
+            a.vocab_size
+        ));
+    }
+    let corpus = a.common.corpus(crate::config::SPLIT)?;
+    let lines = corpus.head(Split::Train, a.train_lines);
+    let tok = Tokenizer::train_kind(a.kind, lines, a.vocab_size)
+        .map_err(|e| UsageError(format!("--vocab-size {}: {e:#}", a.vocab_size)))?;
     write_atomic(&a.out, tok.json().as_bytes())?;
     println!("wrote {} ({} tokens, sha256 {})", a.out.display(), tok.vocab_size(), tok.sha256());
     Ok(())
@@ -445,21 +482,47 @@ fn train_cmd(a: TrainArgs) -> Result<()> {
     check_preset(&a.preset)?;
     let cfg = Config::resolve(&a.preset, a.config.as_deref(), &a.sets, a.seed)?;
     let engine = engine(&a.common.device)?;
-    let data_dir = a.common.data_dir();
-    let train_lines = data::load_split(&data_dir, Split::Train, cfg.data.train_lines)?;
-    let valid_lines = data::load_split(&data_dir, Split::Valid, cfg.data.eval_lines)?;
+    if a.out.join(run_dir::RUN_JSON).exists() {
+        return usage(format!(
+            "--out {}: that is a run directory (it holds run.json); `train` writes a model directory of its own",
+            a.out.display()
+        ));
+    }
+    let corpus = a.common.corpus(cfg.data.split_ratio)?;
+    let train_lines = corpus.head(Split::Train, cfg.data.train_lines);
+    let valid_lines = corpus.head(Split::Valid, cfg.data.eval_lines);
     let tok = match &a.tokenizer {
-        Some(path) => Tokenizer::load(path)?,
-        None => Tokenizer::train(&train_lines, cfg.model.vocab_size)?,
+        Some(path) => {
+            let tok = Tokenizer::load(path)?;
+            if cfg.model.vocab_size != 0 && tok.vocab_size() != cfg.model.vocab_size {
+                return usage(format!(
+                    "--tokenizer {} has {} tokens but model.vocab_size is {} (pass --set model.vocab_size={})",
+                    path.display(),
+                    tok.vocab_size(),
+                    cfg.model.vocab_size,
+                    tok.vocab_size()
+                ));
+            }
+            tok
+        }
+        None => recursion::train_tokenizer(&cfg, &corpus)?,
     };
     let model = ModelConfig { vocab_size: tok.vocab_size(), ..cfg.model.clone() };
-    let (train, valid) = (tok.encode_lines(&train_lines)?, tok.encode_lines(&valid_lines)?);
+    let (train, valid) = (tok.encode_lines(train_lines)?, tok.encode_lines(valid_lines)?);
+    crate::files::check_memory(
+        crate::model::training_bytes(&model, cfg.train.batch_size),
+        &format!("training (train.batch_size {} × model.ctx {})", cfg.train.batch_size, model.ctx),
+    )?;
     create_dir(&a.out)?; // only once every input has been read and checked
+    let _lock = crate::files::DirLock::acquire(&a.out)?;
+    crate::files::remove_stale_temps(&a.out, 0)?;
     let job = TrainJob {
         cfg: &cfg,
+        train_cfg: &cfg.train,
         tok: &tok,
         model: &model,
         init: &init_weights(&model, cfg.seed),
+        init_sha256: None,
         train: &train,
         valid: &valid,
         seed: cfg.seed,
@@ -492,15 +555,16 @@ fn eval(a: EvalArgs) -> Result<()> {
     let loaded = checkpoint::load_model_dir(&a.model, &engine)?;
     let cfg = &loaded.info.config;
     let limit = a.lines.unwrap_or(cfg.data.eval_lines);
-    let lines = data::load_split(&a.common.data_dir(), a.split, limit)?;
-    let stream = loaded.tokenizer.encode_lines(&lines)?;
+    let corpus = a.common.corpus(cfg.data.split_ratio)?;
+    let lines = corpus.head(a.split, limit);
+    let stream = loaded.tokenizer.encode_lines(lines)?;
     let nats = stream_nats(&mut loaded.model.scorer(), &stream, cfg.data.block_size, 0, engine.is_gpu())?;
-    let words = data::words_with_eol(&lines) as u64;
+    let words = data::words_with_eol(lines) as u64;
     let split = format!("{:?}", a.split).to_lowercase();
     // The n-gram references, trained on the same train lines as the model, scored on the same text.
-    let train_lines = data::load_split(&a.common.data_dir(), Split::Train, cfg.data.train_lines)?;
-    let kn = KneserNeyBigram::train(&train_lines).evaluate(&lines);
-    let uni = UnigramModel::train(&train_lines).evaluate(&lines);
+    let train_lines = corpus.head(Split::Train, cfg.data.train_lines);
+    let kn = KneserNeyBigram::train(train_lines).evaluate(lines);
+    let uni = UnigramModel::train(train_lines).evaluate(lines);
     if a.json {
         let result = json!({
             "split": split,
@@ -536,11 +600,10 @@ fn eval(a: EvalArgs) -> Result<()> {
 }
 
 fn baseline(a: BaselineArgs) -> Result<()> {
-    let dir = a.common.data_dir();
-    let train = data::load_split(&dir, Split::Train, 0)?;
-    let test = data::load_split(&dir, Split::Test, 0)?;
-    let kn = KneserNeyBigram::train(&train).evaluate(&test);
-    let uni = UnigramModel::train(&train).evaluate(&test);
+    let corpus = a.common.corpus(crate::config::SPLIT)?;
+    let (train, test) = (corpus.lines(Split::Train), corpus.lines(Split::Test));
+    let kn = KneserNeyBigram::train(train).evaluate(test);
+    let uni = UnigramModel::train(train).evaluate(test);
     if a.json {
         println!("{}", json!({"kn_bigram": kn, "unigram": uni, "split": "test"}));
     } else {
@@ -620,7 +683,7 @@ fn run_cmd(a: RunArgs) -> Result<()> {
     let cfg = Config::resolve(&a.preset, a.config.as_deref(), &flag_sets(&a), a.seed)?;
     let out = match (&a.out, &a.name) {
         (Some(out), _) => out.clone(),
-        (None, Some(name)) => Path::new("checkpoints").join(name),
+        (None, Some(name)) => Path::new("checkpoints").join(check_name(name)?),
         (None, None) => {
             let regime = serde_json::to_value(cfg.recursion.regime)?;
             let regime = regime.as_str().unwrap_or("run");
@@ -628,26 +691,53 @@ fn run_cmd(a: RunArgs) -> Result<()> {
         }
     };
     let opts =
-        RunOptions { out, data_dir: a.common.data_dir(), quiet: a.quiet, engine: engine(&a.common.device)? };
-    recursion::start_run(cfg, &opts, a.force, table::observer(a.quiet).as_mut())?;
-    crate::report::write_report(&opts.out)
+        RunOptions { out, data: a.common.data.clone(), quiet: a.quiet, engine: engine(&a.common.device)? };
+    let done = recursion::start_run(cfg, &opts, a.force, table::observer(a.quiet).as_mut())?;
+    crate::report::write_report(&opts.out)?;
+    drop(done.lock);
+    Ok(())
+}
+
+/// A run name: one directory under checkpoints/, printable.
+fn check_name(name: &str) -> Result<&str> {
+    let ok = !name.is_empty()
+        && name.len() <= 200
+        && name != "."
+        && name != ".."
+        && !name.contains('/')
+        && !name.chars().any(char::is_control);
+    if ok {
+        Ok(name)
+    } else {
+        usage(format!(
+            "--name {name:?}: expected a plain directory name (no '/', no control characters, at most 200 bytes); \
+             use --out for a path"
+        ))
+    }
 }
 
 fn resume(a: ResumeArgs) -> Result<()> {
     // A directory that is not a run is a usage error; everything after is the run's own business.
-    load_state(&a.run).map_err(|e| UsageError(format!("{e:#}")))?;
+    load_state(&a.run)?;
     let opts = RunOptions {
         out: a.run.clone(),
-        data_dir: a.common.data_dir(),
+        data: a.common.data.clone(),
         quiet: a.quiet,
         engine: engine(&a.common.device)?,
     };
-    recursion::continue_run(&opts, table::observer(a.quiet).as_mut())?;
-    crate::report::write_report(&opts.out)
+    let done = recursion::continue_run(&opts, a.generations, table::observer(a.quiet).as_mut())?;
+    // A finished run that was only read stays untouched (it may be on a read-only medium).
+    if done.changed || !opts.out.join("report.html").exists() {
+        crate::report::write_report(&opts.out)?;
+    }
+    Ok(())
 }
 
 fn inspect(a: InspectArgs) -> Result<()> {
-    let state = load_state(&a.run).map_err(|e| UsageError(format!("{e:#}")))?;
+    if a.n == 0 {
+        return usage("-n must be at least 1 (how many sequences to show)");
+    }
+    let state = load_state(&a.run)?;
     let n_gen = state.generations.len();
     let corpus = |g: usize| -> Result<Vec<CorpusRecord>> {
         if g >= n_gen {
@@ -727,6 +817,18 @@ fn toy_gaussian(a: GaussianArgs) -> Result<()> {
     if !(0.0..=1.0).contains(&a.real_fraction) {
         return usage(format!("--real-fraction must be in [0, 1], got {}", a.real_fraction));
     }
+    // accumulate keeps every sample of every generation; the others hold a few generations' worth.
+    let kept =
+        if matches!(a.regime, crate::config::Regime::Accumulate | crate::config::Regime::AccumulateSubsample)
+        {
+            a.generations as u64 + 2
+        } else {
+            4
+        };
+    crate::files::check_memory(
+        (a.samples as u64).saturating_mul(8).saturating_mul(kept),
+        &format!("toy gaussian (--samples {} × --generations {})", a.samples, a.generations),
+    )?;
     let runs: Vec<Vec<crate::toy::Fit>> = (0..a.seeds)
         .map(|s| crate::toy::gaussian(a.samples, a.generations, a.regime, a.real_fraction, s))
         .collect();
@@ -783,7 +885,7 @@ fn sweep(a: SweepArgs) -> Result<()> {
     for (name, cfg) in runs {
         let opts = RunOptions {
             out: a.out.join(&name),
-            data_dir: a.common.data_dir(),
+            data: a.common.data.clone(),
             quiet: a.quiet,
             engine: engine.clone(),
         };
@@ -792,12 +894,15 @@ fn sweep(a: SweepArgs) -> Result<()> {
         }
         // Each grid point is an ordinary run: a finished one is kept, an interrupted one resumed.
         let mut obs = table::observer(a.quiet);
-        if opts.out.join(run_dir::RUN_JSON).exists() {
-            recursion::continue_run(&opts, obs.as_mut())?;
+        let done = if opts.out.join(run_dir::RUN_JSON).exists() {
+            recursion::continue_run(&opts, None, obs.as_mut())?
         } else {
-            recursion::start_run(cfg, &opts, false, obs.as_mut())?;
+            recursion::start_run(cfg, &opts, false, obs.as_mut())?
+        };
+        if done.changed || !opts.out.join("report.html").exists() {
+            crate::report::write_report(&opts.out)?;
         }
-        crate::report::write_report(&opts.out)?;
+        drop(done.lock);
         dirs.push(opts.out);
     }
     let out = a.out.join("compare");

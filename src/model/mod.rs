@@ -206,6 +206,26 @@ impl<T> Params<T> {
     }
 }
 
+/// Bytes a training step holds for batches of `batch` sequences of `model.ctx` tokens: weights,
+/// gradients and AdamW moments, and the fast engine's activations (forward and backward).
+pub fn training_bytes(cfg: &ModelConfig, batch: usize) -> u64 {
+    let (c, v, h, l, t, b) = (cfg.d_model, cfg.vocab_size, cfg.n_head, cfg.n_layer, cfg.ctx, batch);
+    let (c, v, h, l, t, b) = (c as u64, v as u64, h as u64, l as u64, t as u64, b as u64);
+    let bt = b * t;
+    let attn = b * h * t * t;
+    let per_layer = bt * c * 16 + bt * 4 + attn;
+    let acts = bt * c * 3 + l * per_layer + bt * v + bt * c * 9 + attn;
+    4 * (4 * n_params(cfg) as u64 + acts)
+}
+
+/// Bytes sampling holds for `rows` sequences at once: the weights (and their packed copy), the
+/// KV cache, and one step's activations and logits.
+pub fn sampling_bytes(cfg: &ModelConfig, rows: usize) -> u64 {
+    let (c, v, l, ctx, r) =
+        (cfg.d_model as u64, cfg.vocab_size as u64, cfg.n_layer as u64, cfg.ctx as u64, rows as u64);
+    4 * (2 * n_params(cfg) as u64 + r * l * 2 * ctx * c + r * ctx * c * 16 + r * v)
+}
+
 /// Where each parameter lives in one flat buffer holding them all in the description's order.
 pub fn flat_layout(cfg: &ModelConfig) -> (Params<Range<usize>>, usize) {
     let mut at = 0;

@@ -18,24 +18,28 @@ pub mod run_dir;
 pub mod verify;
 
 use crate::checkpoint::{self, ModelInfo, TrainJob};
-use crate::config::{Config, InitMode, PromptMode};
-use crate::data::{self, Split};
-use crate::files::{create_dir, free_bytes, write_atomic};
+use crate::config::{Config, InitMode, PromptMode, TokenizerCorpus, TrainConfig};
+use crate::data::{Corpus, Split};
+use crate::files::{
+    check_memory, create_dir, free_bytes, remove_stale_temps, sha256_file, write_atomic, DirLock,
+};
 use crate::metrics::baseline::{KneserNeyBigram, UnigramModel};
 use crate::metrics::corpus::{corpus_metrics, MetricOptions, Reference};
 use crate::metrics::perplexity::{sequence_ppls, split_perplexity, EvalSet};
 use crate::metrics::registry::{Metric, Row, RowId, Value};
 use crate::metrics::{collapse_stage, PplDistribution};
 use crate::model::engine::{Engine, Model};
-use crate::model::{init_weights, load_weights, n_params, ModelConfig};
+use crate::model::{
+    init_weights, load_weights, n_params, sampling_bytes, training_bytes, ModelConfig, Weights,
+};
 use crate::sample::{generate, Decoding};
 use crate::tokenizer::Tokenizer;
-use anyhow::{bail, Result};
+use anyhow::{bail, Context, Result};
 use indicatif::{ProgressBar, ProgressStyle};
 use regime::{training_set, RealData, TrainingSet};
 use run_dir::{
     gen_dir, load_state, read_corpus, save_state, write_corpus, write_rows, CorpusRecord, GenState, RunState,
-    Status, CORPUS, METRICS_CSV, METRICS_JSONL, RUN_JSON,
+    Status, CORPUS, METRICS_CSV, METRICS_JSONL, RUN_FORMAT, RUN_JSON,
 };
 use sha2::{Digest, Sha256};
 use std::path::{Path, PathBuf};
@@ -44,7 +48,9 @@ use std::time::Instant;
 /// Where a run lives and what runs it.
 pub struct RunOptions {
     pub out: PathBuf,
-    pub data_dir: PathBuf,
+    /// `--data`: the corpus of a new run; for `resume`, another path to the run's recorded corpus
+    /// (its bytes must match the record). None: wikitext-2 for a new run, the recorded path on resume.
+    pub data: Option<PathBuf>,
     pub quiet: bool,
     pub engine: Engine,
 }
@@ -57,11 +63,22 @@ pub trait Observer {
     fn complete(&mut self, _out: &Path, _generations: usize) {}
     /// The run finished.
     fn finished(&mut self, _out: &Path) {}
+    /// Something worth a line on stderr (a redone step, a corpus without a record).
+    fn note(&mut self, msg: &str) {
+        eprintln!("note: {msg}");
+    }
 }
 
 /// Reports nothing.
 pub struct Silent;
 impl Observer for Silent {}
+
+/// A run that went as far as it could: its directory stays locked until this is dropped (the
+/// caller writes the report under the lock); `changed` says whether anything was written.
+pub struct Done {
+    pub lock: DirLock,
+    pub changed: bool,
+}
 
 /// A seed for one purpose of one generation, derived from the run seed.
 pub fn derive_seed(seed: u64, generation: usize, purpose: &str) -> u64 {
@@ -69,136 +86,144 @@ pub fn derive_seed(seed: u64, generation: usize, purpose: &str) -> u64 {
     u64::from_le_bytes(digest[..8].try_into().expect("8 bytes"))
 }
 
-/// Starts a new run in `opts.out` (which must not hold one unless `force`).
-pub fn start_run(cfg: Config, opts: &RunOptions, force: bool, obs: &mut dyn Observer) -> Result<()> {
+/// The lines a run's tokenizer is trained on.
+fn tokenizer_lines<'a>(cfg: &Config, corpus: &'a Corpus) -> &'a [String] {
+    match cfg.tokenizer.corpus {
+        TokenizerCorpus::Real => corpus.head(Split::Train, cfg.data.train_lines),
+        TokenizerCorpus::Train => corpus.lines(Split::Train),
+    }
+}
+
+/// The tokenizer of a new run (or model) with settings `cfg` on `corpus`.
+pub fn train_tokenizer(cfg: &Config, corpus: &Corpus) -> Result<Tokenizer> {
+    Tokenizer::train_kind(cfg.tokenizer.kind, tokenizer_lines(cfg, corpus), cfg.model.vocab_size)
+}
+
+/// Starts a new run in `opts.out` (which must not hold one unless `force`). Everything is read,
+/// built and checked first; only then is the directory created (or, with `force`, emptied).
+pub fn start_run(cfg: Config, opts: &RunOptions, force: bool, obs: &mut dyn Observer) -> Result<Done> {
     if opts.out.join(RUN_JSON).exists() && !force {
-        return crate::config::usage(format!(
-            "{} already holds a run (use `collapse-lab resume {}` to continue it, or --force to start over)",
-            opts.out.display(),
-            opts.out.display()
-        ));
+        return already_a_run(&opts.out);
     }
-    // Every input is read and checked before anything is written.
-    let train_lines = data::load_split(&opts.data_dir, Split::Train, cfg.data.train_lines)?;
-    for split in [Split::Valid, Split::Test] {
-        data::load_split(&opts.data_dir, split, cfg.data.eval_lines)?;
-    }
-    let tok = Tokenizer::train(&train_lines, cfg.model.vocab_size)?;
+    let data_path = opts.data.clone().unwrap_or_else(crate::data::default_data_dir);
+    let corpus = Corpus::open(&data_path, cfg.data.split_ratio)?;
+    let tok = train_tokenizer(&cfg, &corpus)?;
+    let lab = Lab::new(cfg, &corpus, tok, opts)?;
+    // Nothing has been written yet; now the directory, locked.
+    let existed = opts.out.exists();
     create_dir(&opts.out)?;
+    let lock = match DirLock::acquire(&opts.out) {
+        Ok(lock) => lock,
+        Err(e) => {
+            if !existed {
+                let _ = std::fs::remove_dir_all(&opts.out);
+            }
+            return Err(e);
+        }
+    };
+    if opts.out.join(RUN_JSON).exists() && !force {
+        return already_a_run(&opts.out); // another process started one meanwhile
+    }
+    remove_stale_temps(&opts.out, 1)?;
     if force {
-        for g in 0..64 {
-            let d = gen_dir(&opts.out, g);
-            if d.is_dir() {
-                std::fs::remove_dir_all(&d)
-                    .map_err(|e| anyhow::anyhow!("cannot remove {}: {e}", d.display()))?;
+        let entries =
+            std::fs::read_dir(&opts.out).with_context(|| format!("cannot list {}", opts.out.display()))?;
+        for entry in entries.flatten() {
+            let name = entry.file_name().to_string_lossy().into_owned();
+            let path = entry.path();
+            let generated = (name.starts_with("gen-") && path.is_dir()) || name == "plots";
+            if generated {
+                std::fs::remove_dir_all(&path)
+                    .map_err(|e| anyhow::anyhow!("cannot remove {}: {e}", path.display()))?;
             }
         }
-        for f in [METRICS_JSONL, METRICS_CSV] {
+        for f in [METRICS_JSONL, METRICS_CSV, "report.html"] {
             let _ = std::fs::remove_file(opts.out.join(f));
         }
     }
-    write_atomic(&opts.out.join(checkpoint::TOKENIZER), tok.json().as_bytes())?;
-    let real_words: usize = train_lines.iter().map(|l| l.split_whitespace().count()).sum();
-    let state = RunState {
+    write_atomic(&opts.out.join(checkpoint::TOKENIZER), lab.tok.json().as_bytes())?;
+    let real_words: usize = lab.train_lines.iter().map(|l| l.split_whitespace().count()).sum();
+    let mut state = RunState {
+        format: RUN_FORMAT,
         crate_version: env!("CARGO_PKG_VERSION").to_string(),
-        tokenizer_sha256: tok.sha256(),
+        data: Some(corpus.source.clone()),
+        base: None,
+        tokenizer_sha256: lab.tok.sha256(),
         ttr_n: real_words.min(100_000),
         real_measured: false,
         metrics_sha256: None,
-        generations: (0..cfg.recursion.generations).map(GenState::pending).collect(),
-        config: cfg,
+        generations: (0..lab.cfg.recursion.generations).map(GenState::pending).collect(),
+        config: lab.cfg.clone(),
     };
     save_state(&opts.out, &state)?;
-    continue_run(opts, obs)
+    lab.run(&mut state, Vec::new(), obs)?;
+    Ok(Done { lock, changed: true })
 }
 
-/// Continues the run in `opts.out` from its last complete step.
-pub fn continue_run(opts: &RunOptions, obs: &mut dyn Observer) -> Result<()> {
+fn already_a_run<T>(out: &Path) -> Result<T> {
+    crate::config::usage(format!(
+        "{} already holds a run (use `collapse-lab resume {}` to continue it, or --force to start over)",
+        out.display(),
+        out.display()
+    ))
+}
+
+/// Continues the run in `opts.out` from its last complete step; `generations` extends a run to
+/// that many generations (never fewer than it has).
+pub fn continue_run(opts: &RunOptions, generations: Option<usize>, obs: &mut dyn Observer) -> Result<Done> {
+    let lock = DirLock::acquire(&opts.out)?;
+    if !lock.read_only() {
+        remove_stale_temps(&opts.out, 1)?; // what a killed process left
+    }
     let mut state = load_state(&opts.out)?;
-    let cfg = state.config.clone();
+    let mut changed = false;
+    if let Some(n) = generations {
+        let have = state.generations.len();
+        if n < have {
+            return crate::config::usage(format!(
+                "--generations {n}: the run already has {have} generations (a run is extended, never shortened)"
+            ));
+        }
+        if n > have {
+            state.config.recursion.generations = n;
+            state.config.validate()?;
+            state.generations.extend((have..n).map(GenState::pending));
+            changed = true;
+        }
+    }
+    let corpus = match &state.data {
+        Some(recorded) => Corpus::reopen(recorded, opts.data.as_deref())?,
+        None => {
+            let path = opts.data.clone().unwrap_or_else(crate::data::default_data_dir);
+            obs.note(&format!(
+                "this run predates corpus records; reading {} (pass --data if it used another corpus)",
+                path.display()
+            ));
+            Corpus::open(&path, state.config.data.split_ratio)?
+        }
+    };
     let tok = Tokenizer::load(&opts.out.join(checkpoint::TOKENIZER))?;
     if tok.sha256() != state.tokenizer_sha256 {
         bail!("{}: tokenizer.json does not match the sha256 recorded in {RUN_JSON}", opts.out.display());
     }
-    let lab = Lab::new(&cfg, opts, tok)?;
-    let mut rows = verify::verify(&opts.out, &mut state)?;
-    save_state(&opts.out, &state)?;
-    if state.is_complete() {
+    let lab = Lab::new(state.config.clone(), &corpus, tok, opts)?;
+    let rows = verify::verify(&opts.out, &mut state)?;
+    if state.is_complete() && !changed {
         obs.complete(&opts.out, state.generations.len());
-        return Ok(());
+        return Ok(Done { lock, changed: false });
     }
-    for row in &rows {
-        obs.row(row);
+    if state.data.is_none() {
+        state.data = Some(corpus.source.clone());
     }
-    let mut corpora: Vec<Vec<Vec<u32>>> = Vec::new();
-    let mut gen0: Option<Model> = None;
-    for g in 0..cfg.recursion.generations {
-        let set = training_set(&cfg.recursion, &lab.real(), g, &corpora, derive_seed(cfg.seed, g, "regime"));
-        let dir = gen_dir(&opts.out, g);
-        if state.generations[g].status < Status::Trained {
-            lab.check_disk_space(g, &set)?;
-            create_dir(&dir)?;
-            let info = lab.train_generation(g, &set, &dir)?;
-            let t = &info.training;
-            let timings = [("train_wall_s", t.wall_s), ("train_tokens_per_s", t.tokens_per_s)];
-            state.generations[g].complete(
-                Status::Trained,
-                &dir,
-                &[checkpoint::WEIGHTS, checkpoint::MODEL_JSON],
-                &timings,
-            )?;
-            save_state(&opts.out, &state)?;
-        }
-        let model = opts.engine.load(&lab.mcfg, &load_weights(&lab.mcfg, &dir.join(checkpoint::WEIGHTS))?)?;
-        if g == 0 {
-            gen0 = Some(model.clone());
-        }
-        let gen0 = gen0.as_ref().expect("generation 0 is loaded first");
-        if !state.real_measured {
-            rows.insert(0, lab.measure_real(gen0)?);
-            state.metrics_sha256 = Some(write_rows(&opts.out, &rows)?);
-            state.real_measured = true;
-            save_state(&opts.out, &state)?;
-            obs.row(&rows[0]);
-        }
-        let records = if state.generations[g].status < Status::Sampled {
-            let started = Instant::now();
-            let records = lab.sample_generation(g, &model, gen0, &set)?;
-            write_corpus(&dir.join(CORPUS), &records)?;
-            let timings = [("sample_wall_s", started.elapsed().as_secs_f64())];
-            state.generations[g].complete(Status::Sampled, &dir, &[CORPUS], &timings)?;
-            save_state(&opts.out, &state)?;
-            records
-        } else {
-            read_corpus(&dir.join(CORPUS))?
-        };
-        if state.generations[g].status < Status::Measured {
-            let started = Instant::now();
-            let info = checkpoint::read_info(&dir)?;
-            let mut row = lab.measure_generation(g, &model, &records, &info, &state)?;
-            let stage = match rows.iter().find(|r| r.id == RowId::Generation(0)) {
-                Some(gen0_row) => collapse_stage(&row, gen0_row),
-                None => collapse_stage(&row, &row),
-            };
-            row.set_value(Metric::Stage, Value::Text(stage.into()));
-            // Rows stay in generation order even when an earlier one was re-measured.
-            let pos = rows.iter().position(|r| r.generation().is_some_and(|x| x > g)).unwrap_or(rows.len());
-            rows.insert(pos, row);
-            state.metrics_sha256 = Some(write_rows(&opts.out, &rows)?);
-            let timings = [("measure_wall_s", started.elapsed().as_secs_f64())];
-            state.generations[g].complete(Status::Measured, &dir, &[], &timings)?;
-            save_state(&opts.out, &state)?;
-            obs.row(&rows[pos]);
-        }
-        corpora.push(records.into_iter().map(|r| r.tokens).collect());
-    }
-    obs.finished(&opts.out);
-    Ok(())
+    save_state(&opts.out, &state)?;
+    lab.run(&mut state, rows, obs)?;
+    Ok(Done { lock, changed: true })
 }
 
-/// Everything that stays fixed across the generations of a run.
+/// Everything that stays fixed across the generations of a run: its settings, tokenizer, real data
+/// and evaluation sets, built (and checked) before a run writes anything.
 struct Lab<'a> {
-    cfg: &'a Config,
+    cfg: Config,
     opts: &'a RunOptions,
     tok: Tokenizer,
     mcfg: ModelConfig,
@@ -212,22 +237,47 @@ struct Lab<'a> {
 }
 
 impl<'a> Lab<'a> {
-    fn new(cfg: &'a Config, opts: &'a RunOptions, tok: Tokenizer) -> Result<Self> {
-        let train_lines = data::load_split(&opts.data_dir, Split::Train, cfg.data.train_lines)?;
-        let valid_lines = data::load_split(&opts.data_dir, Split::Valid, cfg.data.eval_lines)?;
-        let test_lines = data::load_split(&opts.data_dir, Split::Test, cfg.data.eval_lines)?;
+    fn new(cfg: Config, corpus: &Corpus, tok: Tokenizer, opts: &'a RunOptions) -> Result<Self> {
+        let train_lines = corpus.head(Split::Train, cfg.data.train_lines).to_vec();
+        let valid_lines = corpus.head(Split::Valid, cfg.data.eval_lines);
+        let test_lines = corpus.head(Split::Test, cfg.data.eval_lines).to_vec();
         let words: Vec<&str> = train_lines.iter().flat_map(|l| l.split_whitespace()).collect();
         let reference = Reference::new(&words);
         let count = |w: &str| reference.word_count(w);
-        let valid = EvalSet::new(&tok, &valid_lines, count)?;
+        let valid = EvalSet::new(&tok, valid_lines, count)?;
         let test = EvalSet::new(&tok, &test_lines, count)?;
         let real_stream = tok.encode_lines(&train_lines)?;
         let block = cfg.data.block_size;
         let real_blocks: Vec<Vec<u32>> = real_stream.chunks_exact(block).map(<[u32]>::to_vec).collect();
-        if real_blocks.is_empty() {
-            bail!("the training data has fewer than data.block_size = {block} tokens");
+        let source = &corpus.source.name;
+        if real_blocks.is_empty() || real_stream.len() < cfg.model.ctx + 1 {
+            return crate::config::usage(format!(
+                "the real data ({source}: {} train lines, {} tokens) is too small: it needs at least \
+                 data.block_size = {block} and model.ctx + 1 = {} tokens",
+                train_lines.len(),
+                real_stream.len(),
+                cfg.model.ctx + 1
+            ));
+        }
+        for (name, set) in [("valid", &valid), ("test", &test)] {
+            if set.stream.len() < 2 {
+                return crate::config::usage(format!("the {name} split of {source} is too small to score"));
+            }
         }
         let mcfg = ModelConfig { vocab_size: tok.vocab_size(), ..cfg.model.clone() };
+        let rows = cfg.sample.batch_size * cfg.sample.beam.max(1);
+        check_memory(
+            training_bytes(&mcfg, cfg.train.batch_size),
+            &format!("training (train.batch_size {} × model.ctx {})", cfg.train.batch_size, mcfg.ctx),
+        )?;
+        check_memory(
+            sampling_bytes(&mcfg, rows),
+            &format!(
+                "sampling (sample.batch_size {} × beam {})",
+                cfg.sample.batch_size,
+                cfg.sample.beam.max(1)
+            ),
+        )?;
         Ok(Self {
             cfg,
             opts,
@@ -241,6 +291,81 @@ impl<'a> Lab<'a> {
             test,
             reference,
         })
+    }
+
+    /// Trains, samples and measures every generation that is not done yet, given the rows still
+    /// valid; `state` is saved after each step.
+    fn run(&self, state: &mut RunState, mut rows: Vec<Row>, obs: &mut dyn Observer) -> Result<()> {
+        let out = &self.opts.out;
+        for row in &rows {
+            obs.row(row);
+        }
+        let mut corpora: Vec<Vec<Vec<u32>>> = Vec::new();
+        let mut gen0: Option<Model> = None;
+        let seed = self.cfg.seed;
+        for g in 0..self.cfg.recursion.generations {
+            let set =
+                training_set(&self.cfg.recursion, &self.real(), g, &corpora, derive_seed(seed, g, "regime"));
+            let dir = gen_dir(out, g);
+            if state.generations[g].status < Status::Trained {
+                self.check_disk_space(g, &set)?;
+                create_dir(&dir)?;
+                let info = self.train_generation(g, &set, &dir)?;
+                let t = &info.training;
+                let timings = [("train_wall_s", t.wall_s), ("train_tokens_per_s", t.tokens_per_s)];
+                let files = [checkpoint::WEIGHTS, checkpoint::MODEL_JSON];
+                state.generations[g].complete(Status::Trained, &dir, &files, &timings)?;
+                save_state(out, state)?;
+            }
+            let model = self
+                .opts
+                .engine
+                .load(&self.mcfg, &load_weights(&self.mcfg, &dir.join(checkpoint::WEIGHTS))?)?;
+            if g == 0 {
+                gen0 = Some(model.clone());
+            }
+            let gen0 = gen0.as_ref().expect("generation 0 is loaded first");
+            if !state.real_measured {
+                rows.insert(0, self.measure_real(gen0)?);
+                state.metrics_sha256 = Some(write_rows(out, &rows)?);
+                state.real_measured = true;
+                save_state(out, state)?;
+                obs.row(&rows[0]);
+            }
+            let records = if state.generations[g].status < Status::Sampled {
+                let started = Instant::now();
+                let records = self.sample_generation(g, &model, gen0, &set)?;
+                write_corpus(&dir.join(CORPUS), &records)?;
+                let timings = [("sample_wall_s", started.elapsed().as_secs_f64())];
+                state.generations[g].complete(Status::Sampled, &dir, &[CORPUS], &timings)?;
+                save_state(out, state)?;
+                records
+            } else {
+                read_corpus(&dir.join(CORPUS))?
+            };
+            if state.generations[g].status < Status::Measured {
+                let started = Instant::now();
+                let info = checkpoint::read_info(&dir)?;
+                let mut row = self.measure_generation(g, &model, &records, &info, state)?;
+                let stage = match rows.iter().find(|r| r.id == RowId::Generation(0)) {
+                    Some(gen0_row) => collapse_stage(&row, gen0_row),
+                    None => collapse_stage(&row, &row),
+                };
+                row.set_value(Metric::Stage, Value::Text(stage.into()));
+                // Rows stay in generation order even when an earlier one was re-measured.
+                let pos =
+                    rows.iter().position(|r| r.generation().is_some_and(|x| x > g)).unwrap_or(rows.len());
+                rows.insert(pos, row);
+                state.metrics_sha256 = Some(write_rows(out, &rows)?);
+                let timings = [("measure_wall_s", started.elapsed().as_secs_f64())];
+                state.generations[g].complete(Status::Measured, &dir, &[], &timings)?;
+                save_state(out, state)?;
+                obs.row(&rows[pos]);
+            }
+            corpora.push(records.into_iter().map(|r| r.tokens).collect());
+        }
+        obs.finished(out);
+        Ok(())
     }
 
     fn real(&self) -> RealData<'_> {
@@ -265,18 +390,30 @@ impl<'a> Lab<'a> {
         Ok(())
     }
 
+    /// The weights generation g starts from, the sha256 of their file (None when fresh), and the
+    /// training settings it uses.
+    fn start_of(&self, g: usize) -> Result<(Weights, Option<String>, TrainConfig)> {
+        let cfg = &self.cfg;
+        Ok(match cfg.recursion.init {
+            InitMode::Previous if g > 0 => {
+                let path = gen_dir(&self.opts.out, g - 1).join(checkpoint::WEIGHTS);
+                (load_weights(&self.mcfg, &path)?, Some(sha256_file(&path)?), cfg.train.clone())
+            }
+            InitMode::Base => bail!("recursion.init = base is not available yet"),
+            _ => (init_weights(&self.mcfg, derive_seed(cfg.seed, g, "init")), None, cfg.train.clone()),
+        })
+    }
+
     fn train_generation(&self, g: usize, set: &TrainingSet, dir: &Path) -> Result<ModelInfo> {
         let seed = self.cfg.seed;
-        let init = if g > 0 && self.cfg.recursion.init == InitMode::Previous {
-            load_weights(&self.mcfg, &gen_dir(&self.opts.out, g - 1).join(checkpoint::WEIGHTS))?
-        } else {
-            init_weights(&self.mcfg, derive_seed(seed, g, "init"))
-        };
+        let (init, init_sha256, train_cfg) = self.start_of(g)?;
         let job = TrainJob {
-            cfg: self.cfg,
+            cfg: &self.cfg,
+            train_cfg: &train_cfg,
             tok: &self.tok,
             model: &self.mcfg,
             init: &init,
+            init_sha256,
             train: &set.stream,
             valid: &self.valid.stream,
             seed: derive_seed(seed, g, "batches"),
@@ -311,9 +448,16 @@ impl<'a> Lab<'a> {
             let bar = ProgressBar::new(prompts.len() as u64);
             bar.set_style(
                 ProgressStyle::with_template(&format!(
-                    "gen {g} sample {{bar:30}} {{pos}}/{{len}} sequences | {{per_sec}} | ETA {{eta}}"
+                    "gen {g} sample {{bar:30}} {{pos}}/{{len}} sequences | {{rate}} | ETA {{eta}}"
                 ))
-                .expect("valid template"),
+                .expect("valid template")
+                // Whole sequences per second (indicatif's {per_sec} prints four decimals).
+                .with_key(
+                    "rate",
+                    |s: &indicatif::ProgressState, w: &mut dyn std::fmt::Write| {
+                        let _ = write!(w, "{:.0}/s", s.per_sec());
+                    },
+                ),
             );
             bar
         };

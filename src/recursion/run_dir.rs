@@ -3,10 +3,11 @@
 //! provenance), `metrics.jsonl` and `metrics.csv` (one [`Row`] per measured generation). Every file
 //! is written to a temporary name and renamed into place.
 
-use crate::config::{Config, SampleConfig};
+use crate::config::{usage, Config, SampleConfig};
+use crate::data::DataSource;
 use crate::files::{sha256_file, write_atomic, write_atomic_with, write_json};
 use crate::metrics::registry::{self, Row};
-use anyhow::{bail, Context, Result};
+use anyhow::{Context, Result};
 use serde::{Deserialize, Serialize};
 use std::collections::BTreeMap;
 use std::io::Write;
@@ -17,6 +18,15 @@ pub const RUN_JSON: &str = "run.json";
 pub const METRICS_JSONL: &str = "metrics.jsonl";
 pub const METRICS_CSV: &str = "metrics.csv";
 pub const CORPUS: &str = "corpus.jsonl";
+
+/// The format of a run directory this build writes (`run.json`, and the `corpus.jsonl` and
+/// `metrics.jsonl` beside it). Format 1 (collapse-lab 0.1.0) had no `format` key, no corpus record
+/// and no base; every older format keeps opening, a newer one is refused.
+pub const RUN_FORMAT: u32 = 2;
+
+fn format_1() -> u32 {
+    1
+}
 
 /// How far a generation has got. Ordered: each step needs the ones before it.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Serialize, Deserialize)]
@@ -84,11 +94,28 @@ impl GenState {
     }
 }
 
+/// The pretrained base a run's generations start from (`recursion.init = base`).
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct BaseRecord {
+    /// The base's model directory.
+    pub dir: PathBuf,
+    /// sha256 of its `model.safetensors`: `resume` refuses a base whose bytes changed.
+    pub weights_sha256: String,
+}
+
 /// `run.json`: the resolved settings and what is complete. The source of truth for `resume`.
 #[derive(Debug, Clone, Serialize, Deserialize)]
 pub struct RunState {
+    #[serde(default = "format_1")]
+    pub format: u32,
     pub crate_version: String,
+    #[serde(deserialize_with = "crate::config::saved")]
     pub config: Config,
+    /// The corpus the run reads (None in format 1: those runs read `--data` or wikitext-2).
+    #[serde(default)]
+    pub data: Option<DataSource>,
+    #[serde(default)]
+    pub base: Option<BaseRecord>,
     pub tokenizer_sha256: String,
     /// N of `ttr_at_n` and `distinct_n`, fixed for the run.
     pub ttr_n: usize,
@@ -104,6 +131,61 @@ impl RunState {
     pub fn is_complete(&self) -> bool {
         self.real_measured && self.generations.iter().all(|g| g.status == Status::Measured)
     }
+
+    /// Everything `run` would check of these settings, and the consistency of the record: a
+    /// `run.json` edited by hand or damaged is refused with a one-line error naming what is wrong.
+    pub fn check(&self, path: &Path) -> Result<()> {
+        let ours = env!("CARGO_PKG_VERSION");
+        if self.format > RUN_FORMAT || newer_version(&self.crate_version, ours) {
+            return usage(format!(
+                "{} was written by collapse-lab {} (run format {}); this build ({ours}) reads formats up to {RUN_FORMAT}",
+                path.display(),
+                self.crate_version,
+                self.format
+            ));
+        }
+        self.config
+            .validate()
+            .map_err(|e| crate::config::UsageError(format!("{}: {e:#}", path.display())))?;
+        let wanted = self.config.recursion.generations;
+        if self.generations.len() != wanted {
+            return usage(format!(
+                "{}: {} generation entries for recursion.generations = {wanted} (to extend a run, use \
+                 `collapse-lab resume RUN --generations N`)",
+                path.display(),
+                self.generations.len()
+            ));
+        }
+        if let Some((i, g)) = self.generations.iter().enumerate().find(|(i, g)| g.generation != *i) {
+            return usage(format!(
+                "{}: entry {i} of generations is generation {}",
+                path.display(),
+                g.generation
+            ));
+        }
+        let is_sha = |s: &str| s.len() == 64 && s.bytes().all(|b| b.is_ascii_hexdigit());
+        if !is_sha(&self.tokenizer_sha256) || self.metrics_sha256.as_deref().is_some_and(|s| !is_sha(s)) {
+            return usage(format!("{}: a recorded sha256 is not 64 hex digits", path.display()));
+        }
+        if self.ttr_n == 0 {
+            return usage(format!("{}: ttr_n must be at least 1", path.display()));
+        }
+        if (self.config.recursion.init == crate::config::InitMode::Base) != self.base.is_some() {
+            return usage(format!(
+                "{}: recursion.init and the recorded base disagree (init {:?}, base {})",
+                path.display(),
+                self.config.recursion.init,
+                if self.base.is_some() { "recorded" } else { "none" }
+            ));
+        }
+        Ok(())
+    }
+}
+
+/// Whether version `a` (major.minor.patch) is newer than `b`.
+fn newer_version(a: &str, b: &str) -> bool {
+    let parse = |v: &str| -> Vec<u64> { v.split('.').map(|x| x.parse().unwrap_or(u64::MAX)).collect() };
+    parse(a) > parse(b)
 }
 
 /// One line of `corpus.jsonl`: a generated sequence with its provenance.
@@ -135,14 +217,18 @@ pub fn save_state(out: &Path, state: &RunState) -> Result<()> {
     write_json(&out.join(RUN_JSON), state)
 }
 
-/// Reads `run.json` of a run directory.
+/// Reads `run.json` of a run directory and checks it ([`RunState::check`]).
 pub fn load_state(out: &Path) -> Result<RunState> {
     let path = out.join(RUN_JSON);
     if !path.is_file() {
-        bail!("{} is not a run directory (no {RUN_JSON})", out.display());
+        return usage(format!("{} is not a run directory (no {RUN_JSON})", out.display()));
     }
     let text = std::fs::read_to_string(&path).with_context(|| format!("cannot read {}", path.display()))?;
-    serde_json::from_str(&text).with_context(|| format!("{} is not a valid {RUN_JSON}", path.display()))
+    let state: RunState = serde_json::from_str(&text).map_err(|e| {
+        crate::config::UsageError(format!("{} is not a valid {RUN_JSON}: {e}", path.display()))
+    })?;
+    state.check(&path)?;
+    Ok(state)
 }
 
 pub fn write_corpus(path: &Path, records: &[CorpusRecord]) -> Result<()> {
