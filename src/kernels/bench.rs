@@ -1,0 +1,307 @@
+//! Speed of every kernel path on the products of one config-A training step and of its decode
+//! steps, with 2 threads. Ignored by default; run with
+//! `cargo test --release kernels::bench -- --ignored --nocapture`.
+
+use super::*;
+use std::time::Instant;
+
+/// Best of `reps` timings of `f` (after one warm-up call), in seconds.
+fn best(reps: usize, mut f: impl FnMut()) -> f64 {
+    f();
+    (0..reps)
+        .map(|_| {
+            let t = Instant::now();
+            f();
+            t.elapsed().as_secs_f64()
+        })
+        .fold(f64::INFINITY, f64::min)
+}
+
+/// CPU time of the calling thread, in seconds: unlike wall time it does not count the time the
+/// thread waits for a core, so it measures the kernel on a machine shared with other work.
+fn thread_cpu() -> f64 {
+    let mut t = libc::timespec { tv_sec: 0, tv_nsec: 0 };
+    // SAFETY: clock_gettime writes one timespec.
+    unsafe { libc::clock_gettime(libc::CLOCK_THREAD_CPUTIME_ID, &mut t) };
+    t.tv_sec as f64 + t.tv_nsec as f64 * 1e-9
+}
+
+/// Best of `reps` thread-CPU timings of `f` (after one warm-up call), in seconds; `f` must run
+/// on the calling thread (a one-thread pool).
+fn best_cpu(reps: usize, mut f: impl FnMut()) -> f64 {
+    f();
+    (0..reps)
+        .map(|_| {
+            let t = thread_cpu();
+            f();
+            thread_cpu() - t
+        })
+        .fold(f64::INFINITY, f64::min)
+}
+
+fn reps() -> usize {
+    std::env::var("KERNELS_BENCH_REPS").ok().and_then(|s| s.parse().ok()).unwrap_or(5)
+}
+
+/// One product of the step: its name, m, n, k, the operands, accumulate, and how many times
+/// a step does it.
+struct Product {
+    name: String,
+    m: usize,
+    n: usize,
+    k: usize,
+    lhs: Mat,
+    rhs: Mat,
+    accumulate: bool,
+    per_step: usize,
+}
+
+#[test]
+#[ignore]
+fn matmul_speed() {
+    let pool = rayon::ThreadPoolBuilder::new().num_threads(2).build().unwrap();
+    let one = rayon::ThreadPoolBuilder::new().num_threads(1).build().unwrap();
+    // Config A: 4 layers, d = 256, vocabulary 8192, 16 × 128 = 2048 rows.
+    let (bt, d, vocab, layers) = (2048, 256, 8192, 4);
+    let linears = [
+        ("qkv", 3 * d, d, layers),
+        ("proj", d, d, layers),
+        ("fc", 4 * d, d, layers),
+        ("fcp", d, 4 * d, layers),
+        ("head", vocab, d, 1),
+    ];
+    let big = bt * vocab;
+    let fill = |n: usize, s: u32| {
+        (0..n)
+            .map(|i| {
+                ((i as u32).wrapping_mul(2654435761).wrapping_add(s) >> 8) as f32 / (1 << 24) as f32 - 0.5
+            })
+            .collect::<Vec<f32>>()
+    };
+    let (inp, dout, w) = (fill(bt * 4 * d, 1), fill(big, 2), fill(vocab * d, 3));
+    let mut products = Vec::new();
+    for (name, oc, ic, per_step) in linears {
+        // forward: out (bt × oc) = inp (bt × ic) · Wᵀ
+        products.push(Product {
+            name: format!("{name} fwd {bt}×{ic}·{ic}×{oc}"),
+            m: bt,
+            n: oc,
+            k: ic,
+            lhs: Mat::row_major(inp.as_ptr(), ic),
+            rhs: Mat::transposed(w.as_ptr(), ic),
+            accumulate: false,
+            per_step,
+        });
+        // dinp (bt × ic) = dout (bt × oc) · W (oc × ic)
+        products.push(Product {
+            name: format!("{name} dinp {bt}×{oc}·{oc}×{ic}"),
+            m: bt,
+            n: ic,
+            k: oc,
+            lhs: Mat::row_major(dout.as_ptr(), oc),
+            rhs: Mat::row_major(w.as_ptr(), ic),
+            accumulate: false,
+            per_step,
+        });
+        // dW (oc × ic) += doutᵀ (oc × bt) · inp (bt × ic)
+        products.push(Product {
+            name: format!("{name} dW {oc}×{bt}·{bt}×{ic}"),
+            m: oc,
+            n: ic,
+            k: bt,
+            lhs: Mat::transposed(dout.as_ptr(), oc),
+            rhs: Mat::row_major(inp.as_ptr(), ic),
+            accumulate: true,
+            per_step,
+        });
+    }
+    let mut dst = vec![0f32; big];
+    let mut paths = Vec::new();
+    for (value, precision) in [
+        ("avx2", Precision::F32),
+        ("avx512", Precision::F32),
+        ("avx512", Precision::Bf16),
+        ("auto", Precision::Bf16),
+    ] {
+        let k = Kernels::parse(value).unwrap();
+        let present = match precision {
+            Precision::F32 => value != "avx512" || k.fp32() == Fp32Kernel::Avx512,
+            Precision::Bf16 => k.bf16().is_some() && !paths.contains(&(k, precision)),
+        };
+        if present {
+            paths.push((k, precision));
+        } else {
+            eprintln!("skipped: {precision:?} with {value}: not on this CPU ({})", k.describe());
+        }
+    }
+    let reps = reps();
+    println!("matmul speed, best of {reps}: 2 threads (wall time) and 1 thread (its CPU time) (GFLOP/s):");
+    for (kernels, precision) in paths {
+        let label = match precision {
+            Precision::F32 => format!("fp32 {:?}", kernels.fp32()),
+            Precision::Bf16 => format!("bf16 {:?}", kernels.bf16().unwrap()),
+        };
+        if std::env::var("KERNELS_BENCH_ONLY").is_ok_and(|only| !label.contains(&only)) {
+            continue;
+        }
+        let (mut flops, mut secs, mut secs1) = (0f64, 0f64, 0f64);
+        for p in &products {
+            let f = 2.0 * (p.m * p.n * p.k) as f64;
+            let dst = dst.as_mut_ptr() as usize;
+            let go = || {
+                // SAFETY: the buffers hold every operand at these shapes; dst is separate.
+                unsafe {
+                    let dst = dst as *mut f32;
+                    matmul(kernels, precision, p.m, p.n, p.k, dst, p.n, p.accumulate, p.lhs, p.rhs, 1.0, true)
+                }
+            };
+            let t = pool.install(|| best(reps, go));
+            let t1 = one.install(|| best_cpu(reps, go));
+            println!(
+                "  {label:<16} {:<32} 2 threads {:>7.1}  1 thread {:>7.1}  ({:.3} ms)",
+                p.name,
+                f / t / 1e9,
+                f / t1 / 1e9,
+                t * 1e3
+            );
+            flops += f * p.per_step as f64;
+            secs += t * p.per_step as f64;
+            secs1 += t1 * p.per_step as f64;
+        }
+        println!(
+            "  {label:<16} {:<32} 2 threads {:>7.1}  1 thread {:>7.1}  ({:.1} ms per step)",
+            "STEP (weighted)",
+            flops / secs / 1e9,
+            flops / secs1 / 1e9,
+            secs * 1e3
+        );
+    }
+}
+
+/// The panel product fast.rs uses today (`panel_matmul`: panels of 16 outputs, 6 rows per
+/// register block, left to the compiler's auto-vectorisation), copied here as the baseline.
+mod baseline {
+    use rayon::prelude::*;
+
+    const PANEL: usize = 16;
+
+    pub struct Panels {
+        data: Vec<f32>,
+        ic: usize,
+        oc: usize,
+    }
+
+    impl Panels {
+        pub fn new(w: &[f32], oc: usize, ic: usize) -> Self {
+            let mut data = vec![0f32; oc.div_ceil(PANEL) * ic * PANEL];
+            for (j, row) in w.chunks(ic).enumerate() {
+                let (p, jj) = (j / PANEL, j % PANEL);
+                for (k, &x) in row.iter().enumerate() {
+                    data[(p * ic + k) * PANEL + jj] = x;
+                }
+            }
+            Self { data, ic, oc }
+        }
+    }
+
+    pub fn panel_matmul(out: &mut [f32], inp: &[f32], w: &Panels, n_rows: usize) {
+        let (ic, oc) = (w.ic, w.oc);
+        let n_panels = oc.div_ceil(PANEL);
+        let threads = rayon::current_num_threads().clamp(1, n_panels.max(1));
+        let out_p = out.as_mut_ptr() as usize;
+        (0..threads).into_par_iter().for_each(|th| {
+            for p in th * n_panels / threads..(th + 1) * n_panels / threads {
+                let panel = &w.data[p * ic * PANEL..(p + 1) * ic * PANEL];
+                let (j0, cols) = (p * PANEL, PANEL.min(oc - p * PANEL));
+                let mut r0 = 0;
+                while r0 < n_rows {
+                    let rows = 6.min(n_rows - r0);
+                    let acc = match rows {
+                        6 => block::<6>(inp, r0, ic, panel),
+                        5 => block::<5>(inp, r0, ic, panel),
+                        4 => block::<4>(inp, r0, ic, panel),
+                        3 => block::<3>(inp, r0, ic, panel),
+                        2 => block::<2>(inp, r0, ic, panel),
+                        _ => block::<1>(inp, r0, ic, panel),
+                    };
+                    for (i, a) in acc.iter().take(rows).enumerate() {
+                        // SAFETY: this thread's panels own these columns of row r0 + i.
+                        let o = unsafe {
+                            std::slice::from_raw_parts_mut((out_p as *mut f32).add((r0 + i) * oc + j0), cols)
+                        };
+                        o.copy_from_slice(&a[..cols]);
+                    }
+                    r0 += rows;
+                }
+            }
+        });
+    }
+
+    #[inline(always)]
+    fn block<const R: usize>(inp: &[f32], r0: usize, ic: usize, panel: &[f32]) -> [[f32; PANEL]; 6] {
+        let mut acc = [[0f32; PANEL]; R];
+        let x: [&[f32]; R] = std::array::from_fn(|i| &inp[(r0 + i) * ic..(r0 + i + 1) * ic]);
+        for (k, wk) in panel.chunks_exact(PANEL).enumerate() {
+            for i in 0..R {
+                let xv = x[i][k];
+                for j in 0..PANEL {
+                    acc[i][j] += xv * wk[j];
+                }
+            }
+        }
+        let mut out = [[0f32; PANEL]; 6];
+        out[..R].copy_from_slice(&acc);
+        out
+    }
+}
+
+#[test]
+#[ignore]
+fn packed_speed() {
+    let pool = rayon::ThreadPoolBuilder::new().num_threads(2).build().unwrap();
+    let reps = reps() * 4;
+    println!("packed few-row products, 2 threads, best of {reps}:");
+    for (out, inp) in [(8192, 256), (1024, 256), (768, 256), (256, 1024)] {
+        let w: Vec<f32> = (0..out * inp).map(|i| (i % 97) as f32 / 97.0 - 0.5).collect();
+        let bias: Vec<f32> = (0..out).map(|i| i as f32 * 1e-3).collect();
+        for rows in [1, 8, 64, 256] {
+            let x: Vec<f32> = (0..rows * inp).map(|i| (i % 89) as f32 / 89.0 - 0.5).collect();
+            let mut y = vec![0f32; rows * out];
+            let flops = 2.0 * (rows * out * inp) as f64;
+            let report = |label: &str, bytes: usize, t: f64| {
+                println!(
+                    "  {out:>5}×{inp:<5} {rows:>3} rows  {label:<22} {:>7.1} µs  {:>6.1} GB/s of weights  {:>6.1} GFLOP/s",
+                    t * 1e6,
+                    bytes as f64 / t / 1e9,
+                    flops / t / 1e9
+                );
+            };
+            let panels = baseline::Panels::new(&w, out, inp);
+            let t = pool.install(|| best(reps, || baseline::panel_matmul(&mut y, &x, &panels, rows)));
+            report("fast.rs panel_matmul", out * inp * 4, t);
+            for (value, precision) in [
+                ("avx2", Precision::F32),
+                ("auto", Precision::F32),
+                ("avx512", Precision::Bf16),
+                ("auto", Precision::Bf16),
+            ] {
+                let kernels = Kernels::parse(value).unwrap();
+                let label = match precision {
+                    Precision::F32 => format!("f32 {:?}", kernels.fp32()),
+                    Precision::Bf16 => match kernels.bf16() {
+                        Some(Bf16Kernel::Amx) if rows < 16 => "bf16 Avx512Bf16 (<16)".to_string(),
+                        Some(b) => format!("bf16 {b:?}"),
+                        None => continue,
+                    },
+                };
+                let packed = PackedWeights::new(kernels, &w, out, inp, precision);
+                let bytes = match precision {
+                    Precision::F32 => out * inp * 4,
+                    Precision::Bf16 => out * inp * 2,
+                };
+                let t = pool.install(|| best(reps, || packed_matmul(&mut y, &x, &packed, Some(&bias), rows)));
+                report(&label, bytes, t);
+            }
+        }
+    }
+}
