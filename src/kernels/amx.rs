@@ -3,8 +3,8 @@
 //! The tile registers are named in the templates and declared clobbered; the tile configuration
 //! is per thread, so each task loads it ([`Tiles`]) before its first tile instruction.
 
-use super::avx512::store16;
-use super::bf16::{Epilogue, PackedB, TILE_N};
+use super::avx512::{bias_at, prefetch_rows, store16};
+use super::bf16::{Block, Epilogue, Step};
 use std::arch::asm;
 use std::arch::x86_64::*;
 
@@ -32,12 +32,12 @@ static CONFIG: TileConfig = TileConfig {
 
 /// The tile configuration loaded on this thread for as long as the value lives; `tilerelease`
 /// on drop (which also returns the tile state to its initial, cheap-to-save, state).
-struct Tiles(std::marker::PhantomData<*const ()>);
+pub(super) struct Tiles(std::marker::PhantomData<*const ()>);
 
 impl Tiles {
     /// # Safety
     /// The CPU has AMX-TILE and the OS has granted this process the tile data (Kernels::detect).
-    unsafe fn load() -> Tiles {
+    pub(super) unsafe fn load() -> Tiles {
         // SAFETY: CONFIG is a valid palette-1 configuration, 64 bytes, 64-byte aligned; AMX is
         // usable (contract). ldtilecfg zeroes the tile registers, which nothing else uses.
         unsafe {
@@ -68,30 +68,47 @@ impl Drop for Tiles {
     }
 }
 
-/// C (32 × 32 f32, rows 128 bytes apart, at `c`) = A (32 rows from `a`, rows `a_stride` bytes
-/// apart) · B (tiles b0, b1), over `chunks` chunks of 32 k: per chunk two A tiles, two B tiles,
-/// four `tdpbf16ps`.
+/// C (32 × 32 f32) += A (32 rows from `a`, rows `a_stride` bytes apart) · B (tiles b0, b1), over
+/// `chunks` chunks of 32 k: per chunk two A tiles, two B tiles, four `tdpbf16ps`. C starts from
+/// zero when `c_in` is null, else from the 32 × 32 block there (rows `c_in_stride` bytes apart),
+/// and ends in the block at `c_out` (rows `c_out_stride` bytes apart).
 ///
 /// # Safety
-/// The tile configuration [`CONFIG`] is loaded on this thread; A readable for 32 rows of 64·chunks
-/// bytes, b0 and b1 for 1024·chunks bytes each, c writable for 4 KiB.
+/// The tile configuration [`CONFIG`] is loaded on this thread; A readable for 32 rows of
+/// 64·chunks bytes, b0 and b1 for 1024·chunks bytes each; the C blocks readable / writable.
 #[inline]
+#[allow(clippy::too_many_arguments)]
 unsafe fn kernel_32x32(
     a: *const u16,
     a_stride: usize,
     b0: *const u16,
     b1: *const u16,
     chunks: usize,
-    c: *mut f32,
+    c_in: *const f32,
+    c_in_stride: usize,
+    c_out: *mut f32,
+    c_out_stride: usize,
 ) {
     // SAFETY: the contract; the loop reads A at a + row·a_stride + 64·chunk (+ 16 rows for tmm5)
-    // and B at b + 64·row + 1024·chunk, and stores the four C tiles into the 32 × 32 block.
+    // and B at b + 64·row + 1024·chunk; the C tiles are rows 0..16 / 16..32, bytes 0..64 / 64..128.
     unsafe {
         asm!(
+            "test {cin}, {cin}",
+            "jz 4f",
+            "tileloadd tmm0, [{cin} + {sci}*1]",
+            "tileloadd tmm1, [{cin} + {sci}*1 + 64]",
+            "shl {sci}, 4",
+            "add {cin}, {sci}",
+            "shr {sci}, 4",
+            "tileloadd tmm2, [{cin} + {sci}*1]",
+            "tileloadd tmm3, [{cin} + {sci}*1 + 64]",
+            "jmp 5f",
+            "4:",
             "tilezero tmm0",
             "tilezero tmm1",
             "tilezero tmm2",
             "tilezero tmm3",
+            "5:",
             "test {n}, {n}",
             "jz 3f",
             "2:",
@@ -110,10 +127,13 @@ unsafe fn kernel_32x32(
             "dec {n}",
             "jnz 2b",
             "3:",
-            "tilestored [{c} + {sc}*1], tmm0",
-            "tilestored [{c} + {sc}*1 + 64], tmm1",
-            "tilestored [{c} + {sc}*1 + 2048], tmm2",
-            "tilestored [{c} + {sc}*1 + 2112], tmm3",
+            "tilestored [{cout} + {sco}*1], tmm0",
+            "tilestored [{cout} + {sco}*1 + 64], tmm1",
+            "shl {sco}, 4",
+            "add {cout}, {sco}",
+            "shr {sco}, 4",
+            "tilestored [{cout} + {sco}*1], tmm2",
+            "tilestored [{cout} + {sco}*1 + 64], tmm3",
             a0 = inout(reg) a => _,
             a1 = inout(reg) a.byte_add(16 * a_stride) => _,
             b0 = inout(reg) b0 => _,
@@ -121,8 +141,10 @@ unsafe fn kernel_32x32(
             n = inout(reg) chunks => _,
             sa = in(reg) a_stride,
             sb = in(reg) 64usize,
-            c = in(reg) c,
-            sc = in(reg) 128usize,
+            cin = inout(reg) c_in => _,
+            sci = inout(reg) c_in_stride => _,
+            cout = inout(reg) c_out => _,
+            sco = inout(reg) c_out_stride => _,
             out("tmm0") _, out("tmm1") _, out("tmm2") _, out("tmm3") _,
             out("tmm4") _, out("tmm5") _, out("tmm6") _, out("tmm7") _,
             options(nostack),
@@ -132,60 +154,64 @@ unsafe fn kernel_32x32(
 
 /// 32 × 32 f32, cache-line aligned.
 #[repr(C, align(64))]
-struct Block([f32; 32 * 32]);
+struct Block32([f32; 32 * 32]);
 
-/// The AMX kernel on one block: `rows` rows of packed A (k_pad apart, padded with zero rows to a
-/// multiple of 32) times B tiles t0..t1 (an even range), stored through the epilogue into dst (the
-/// block's first row, column 0 of the whole output; rows `dst_row` apart). Column pairs outer,
-/// 32-row blocks inner, so that a pair of B tiles is read from cache by all rows.
+/// The AMX kernel on one chunk of k of a task's rows (32 at a time; packed A has zero rows up to
+/// a multiple of 32), for one pair of B tiles: the sums start from zero or the scratch block and
+/// go to the scratch block or (last chunk) to dst (the task's first row, column 0, rows `dst_row`
+/// apart): straight from the tiles when nothing is to be added or scaled and the 32 × 32 block
+/// is whole, else through a block in L1 and the epilogue.
 ///
 /// # Safety
-/// AMX is usable (Kernels::detect) and the CPU has AVX-512F; `a`, B and dst valid for these rows
-/// and tiles.
+/// AMX is usable and its configuration loaded on this thread ([`Tiles`]); the CPU has AVX-512F;
+/// the step, block, dst and bias describe valid memory, the block of dst being the caller's.
 #[target_feature(enable = "avx512f")]
-#[allow(clippy::too_many_arguments)]
-pub(super) unsafe fn block(
-    a: *const u16,
-    rows: usize,
-    b: &PackedB,
-    t0: usize,
-    t1: usize,
-    dst: *mut f32,
-    dst_row: usize,
-    e: Epilogue,
-) {
-    // SAFETY: AMX is usable (contract).
-    let _tiles = unsafe { Tiles::load() };
-    let mut c = Block([0f32; 32 * 32]);
-    let tile = |t: usize| b.data[t * b.tile_len()..].as_ptr();
-    for t in (t0..t1).step_by(2) {
-        let j0 = t * TILE_N;
-        if j0 >= b.n {
-            break;
+pub(super) unsafe fn step(s: &Step, blk: &Block, dst: *mut f32, dst_row: usize, e: &Epilogue) {
+    let mut tmp = std::mem::MaybeUninit::<Block32>::uninit();
+    let tmp = tmp.as_mut_ptr().cast::<f32>();
+    let cols = [blk.cols.min(16), blk.cols.saturating_sub(16)];
+    for i0 in (0..s.rows).step_by(32) {
+        let rows = (s.rows - i0).min(32);
+        let sc = s.scratch.wrapping_add(i0 * s.scratch_row + blk.scratch_col);
+        let d = dst.wrapping_add(i0 * dst_row + blk.col);
+        let (c_in, c_in_stride) =
+            if s.first { (std::ptr::null(), 0) } else { (sc.cast_const(), 4 * s.scratch_row) };
+        let direct = s.last && e.plain() && rows == 32 && blk.cols == 32;
+        let (c_out, c_out_stride) = if !s.last {
+            (sc, 4 * s.scratch_row)
+        } else if direct {
+            (d, 4 * dst_row)
+        } else {
+            (tmp, 128)
+        };
+        if s.last {
+            prefetch_rows(d, dst_row, rows, blk.cols);
         }
-        let cols = [b.n.saturating_sub(j0).min(16), b.n.saturating_sub(j0 + 16).min(16)];
-        for i0 in (0..rows).step_by(32) {
-            // SAFETY: rows i0..i0 + 32 of A exist (padding), tiles t and t + 1 of B exist (n_pad is
-            // a multiple of 32), c is 4 KiB; the configuration is loaded.
-            unsafe {
-                kernel_32x32(
-                    a.add(i0 * b.k_pad),
-                    2 * b.k_pad,
-                    tile(t),
-                    tile(t + 1),
-                    b.k_pad / 32,
-                    c.0.as_mut_ptr(),
-                )
-            };
-            for i in 0..(rows - i0).min(32) {
+        // SAFETY: rows i0..i0 + 32 of packed A exist (zero padding), the chunk of both tiles is
+        // readable; the C blocks: the scratch block (the task's), dst (32 whole rows and columns
+        // of the caller's block) or `tmp`.
+        unsafe {
+            kernel_32x32(
+                s.a_row0.add(i0 * s.a_stride),
+                2 * s.a_stride,
+                blk.b0,
+                blk.b1,
+                s.pairs / 16,
+                c_in,
+                c_in_stride,
+                c_out,
+                c_out_stride,
+            )
+        };
+        if s.last && !direct {
+            for i in 0..rows {
                 for (h, &cols) in cols.iter().enumerate() {
                     if cols > 0 {
-                        let bias = if e.bias.is_null() { e.bias } else { e.bias.wrapping_add(j0 + 16 * h) };
-                        // SAFETY: row i of c; row i0 + i, columns j0 + 16h.. (cols of them) of dst
-                        // are this block's.
+                        // SAFETY: row i of tmp (written by the kernel); row i0 + i, columns of the
+                        // pair (cols of them) of the caller's dst block.
                         unsafe {
-                            let acc = _mm512_loadu_ps(c.0.as_ptr().add(32 * i + 16 * h));
-                            store16(dst.add((i0 + i) * dst_row + j0 + 16 * h), cols, acc, bias, &e);
+                            let acc = _mm512_loadu_ps(tmp.add(32 * i + 16 * h));
+                            store16(d.add(i * dst_row + 16 * h), cols, acc, bias_at(e, blk.col + 16 * h), e);
                         }
                     }
                 }
@@ -196,158 +222,54 @@ pub(super) unsafe fn block(
 
 #[cfg(test)]
 mod probe {
-    use std::arch::asm;
-    unsafe fn v_noload(n: usize) {
-        asm!(
-            "tilezero tmm0", "tilezero tmm1", "tilezero tmm2", "tilezero tmm3",
-            "tilezero tmm4", "tilezero tmm5", "tilezero tmm6", "tilezero tmm7",
-            "2:",
-            "tdpbf16ps tmm0, tmm4, tmm6",
-            "tdpbf16ps tmm1, tmm4, tmm7",
-            "tdpbf16ps tmm2, tmm5, tmm6",
-            "tdpbf16ps tmm3, tmm5, tmm7",
-            "dec {n}", "jnz 2b",
-            n = inout(reg) n => _,
-            out("tmm0") _, out("tmm1") _, out("tmm2") _, out("tmm3") _,
-            out("tmm4") _, out("tmm5") _, out("tmm6") _, out("tmm7") _,
-        );
-    }
-    unsafe fn v_loadfirst(a: *const u16, sa: usize, b0: *const u16, b1: *const u16, n: usize) {
-        asm!(
-            "tilezero tmm0", "tilezero tmm1", "tilezero tmm2", "tilezero tmm3",
-            "2:",
-            "tileloadd tmm4, [{a0} + {sa}*1]",
-            "tileloadd tmm5, [{a1} + {sa}*1]",
-            "tileloadd tmm6, [{b0} + {sb}*1]",
-            "tileloadd tmm7, [{b1} + {sb}*1]",
-            "tdpbf16ps tmm0, tmm4, tmm6",
-            "tdpbf16ps tmm1, tmm4, tmm7",
-            "tdpbf16ps tmm2, tmm5, tmm6",
-            "tdpbf16ps tmm3, tmm5, tmm7",
-            "add {a0}, 64", "add {a1}, 64", "add {b0}, 1024", "add {b1}, 1024",
-            "dec {n}", "jnz 2b",
-            a0 = inout(reg) a => _, a1 = inout(reg) a.byte_add(16 * sa) => _,
-            b0 = inout(reg) b0 => _, b1 = inout(reg) b1 => _, n = inout(reg) n => _,
-            sa = in(reg) sa, sb = in(reg) 64usize,
-            out("tmm0") _, out("tmm1") _, out("tmm2") _, out("tmm3") _,
-            out("tmm4") _, out("tmm5") _, out("tmm6") _, out("tmm7") _,
-        );
-    }
-    // 1 A tile, 4 B... no: C tiles 0..3 = A(tmm4) x B(tmm5,6,7) -> 3 C tiles; and tmm3 unused
-    unsafe fn v_1x3(a: *const u16, sa: usize, b0: *const u16, n: usize) {
-        asm!(
-            "tilezero tmm0", "tilezero tmm1", "tilezero tmm2",
-            "2:",
-            "tileloadd tmm4, [{a0} + {sa}*1]",
-            "tileloadd tmm5, [{b0} + {sb}*1]",
-            "tdpbf16ps tmm0, tmm4, tmm5",
-            "tileloadd tmm6, [{b0} + {sb}*1 + 1024]",
-            "tdpbf16ps tmm1, tmm4, tmm6",
-            "tileloadd tmm7, [{b0} + {sb}*1 + 2048]",
-            "tdpbf16ps tmm2, tmm4, tmm7",
-            "add {a0}, 64", "add {b0}, 3072",
-            "dec {n}", "jnz 2b",
-            a0 = inout(reg) a => _,
-            b0 = inout(reg) b0 => _, n = inout(reg) n => _,
-            sa = in(reg) sa, sb = in(reg) 64usize,
-            out("tmm0") _, out("tmm1") _, out("tmm2") _, out("tmm3") _,
-            out("tmm4") _, out("tmm5") _, out("tmm6") _, out("tmm7") _,
-        );
-    }
-
+    use std::arch::x86_64::*;
     fn cpu() -> f64 {
         let mut t = libc::timespec { tv_sec: 0, tv_nsec: 0 };
         unsafe { libc::clock_gettime(libc::CLOCK_THREAD_CPUTIME_ID, &mut t) };
         t.tv_sec as f64 + t.tv_nsec as f64 * 1e-9
     }
-
+    #[target_feature(enable = "avx512f,avx512bf16")]
+    unsafe fn dp_tp(n: usize, x: __m512i) -> [__m512; 16] {
+        let mut acc = [_mm512_setzero_ps(); 16];
+        let w: __m512bh = std::mem::transmute(x);
+        for _ in 0..n {
+            for a in acc.iter_mut() {
+                *a = _mm512_dpbf16_ps(*a, w, w);
+            }
+        }
+        acc
+    }
+    #[target_feature(enable = "avx512f")]
+    unsafe fn fma_tp(n: usize, x: __m512) -> [__m512; 16] {
+        let mut acc = [_mm512_setzero_ps(); 16];
+        for _ in 0..n {
+            for a in acc.iter_mut() {
+                *a = _mm512_fmadd_ps(x, x, *a);
+            }
+        }
+        acc
+    }
     #[test]
     #[ignore]
-    fn amx_kernel_peak() {
-        let k = super::super::Kernels::detect();
-        if k.bf16() != Some(super::super::Bf16Kernel::Amx) {
-            return;
-        }
-        #[repr(C, align(64))]
-        #[derive(Clone, Copy)]
-        struct L([u16; 32]);
-        let kp = 256usize;
-        let av = vec![L([0x3f80u16; 32]); 4 * 2048];
-        let bv = vec![L([0x3f80u16; 32]); 4 * 2048];
-        let mut av = av;
-        let mut bv = bv;
-        if std::env::var("RANDOM").is_ok() {
-            let mut x = 12345u32;
-            for l in av.iter_mut().chain(bv.iter_mut()) {
-                for v in l.0.iter_mut() {
-                    x = x.wrapping_mul(1664525).wrapping_add(1013904223);
-                    *v = super::super::bf16::to_bf16((x >> 8) as f32 / (1 << 24) as f32 - 0.5);
-                }
-            }
-        }
-        let a = av.as_ptr() as *const u16;
-        let b = bv.as_ptr() as *const u16;
-        let mut c = super::Block([0f32; 1024]);
+    fn throughput() {
+        let n = 1_000_000;
         unsafe {
-            let _t = super::Tiles::load();
-            let iters = 20000;
-            let fl = |s: f64, tdps: f64| tdps * 16.0 * 16.0 * 32.0 * 2.0 / s / 1e9;
-            for kk in [256usize, 2048] {
             let t = cpu();
-            let it = iters * 256 / kk;
-            let mut sink = 0f32;
-            for _ in 0..it {
-                let acc = super::super::avx512::dp_kernel::<8>(a, kk, b, b.add(16 * kk), kk / 2);
-                sink += std::mem::transmute::<_, [f32; 16]>(acc[7][1])[0];
-            }
-            eprintln!("dp 8x32 k {kk}: {:.1} GFLOP/s {sink}", (it * 8 * 32 * kk * 2) as f64 / (cpu() - t) / 1e9);
-            }
-            {
-                // the product's loop: 64-row A, 24 pairs of B tiles, dst 768 wide
-                let dst_row = 768usize;
-                let mut dst = vec![0f32; 2048 * dst_row];
-                let off: usize = std::env::var("OFF").map(|s| s.parse().unwrap()).unwrap_or(0);
-                let pf = std::env::var_os("NOPF").is_none();
-                for store in [false, true, true, true] {
-                let t = cpu();
-                let mut sink = 0f32;
-                for task in 0..32 {
-                    for tp in 0..24 {
-                        for i0 in (0..64).step_by(8) {
-                            if store && pf {
-                                for i in 0..8 { for h in 0..2 {
-                                    std::arch::x86_64::_mm_prefetch::<{ std::arch::x86_64::_MM_HINT_ET0 }>(dst.as_ptr().add((task * 64 + i0 + i) * dst_row + tp * 32 + 16 * h) as *const i8);
-                                } }
-                            }
-                            let acc = super::super::avx512::dp_kernel::<8>(a.add(i0 * 256 + off), 256, b.add(tp * 2 * 4096 + off), b.add(tp * 2 * 4096 + 4096 + off), 128);
-                            if store {
-                                for i in 0..8 { for h in 0..2 {
-                                    std::arch::x86_64::_mm512_storeu_ps(std::hint::black_box(dst.as_mut_ptr()).add((task * 64 + i0 + i) * dst_row + tp * 32 + 16 * h), acc[i][h]);
-                                } }
-                            } else {
-                                sink += std::mem::transmute::<_, [f32; 16]>(acc[7][1])[0];
-                            }
-                        }
-                    }
-                }
-                std::hint::black_box(&dst);
-                eprintln!("product loop (store {store}): {:.1} GFLOP/s {sink}", (2048.0 * 768.0 * 256.0 * 2.0) / (cpu() - t) / 1e9);
-                }
-            }
-            for _ in 0..2 {
+            std::hint::black_box(dp_tp(n, std::hint::black_box(_mm512_set1_epi32(0x3f803f80))));
+            let s = cpu() - t;
+            eprintln!(
+                "vdpbf16ps zmm: {:.2} G/s ({:.1} GFLOP/s)",
+                16.0 * n as f64 / s / 1e9,
+                64.0 * 16.0 * n as f64 / s / 1e9
+            );
             let t = cpu();
-            v_noload(iters * 8);
-            eprintln!("no loads: {:.1} GFLOP/s", fl(cpu() - t, (iters * 32) as f64));
-            let t = cpu();
-            for _ in 0..iters { v_loadfirst(a, 2 * kp, b, b.add(16 * kp), kp / 32); }
-            eprintln!("loads first: {:.1} GFLOP/s", fl(cpu() - t, (iters * 32) as f64));
-            let t = cpu();
-            for _ in 0..iters { super::kernel_32x32(a, 2 * kp, b, b.add(16 * kp), kp / 32, c.0.as_mut_ptr()); }
-            eprintln!("kernel_32x32: {:.1} GFLOP/s", fl(cpu() - t, (iters * 32) as f64));
-            let t = cpu();
-            for _ in 0..iters { v_1x3(a, 2 * kp, b, kp / 32); }
-            eprintln!("1x3: {:.1} GFLOP/s", fl(cpu() - t, (iters * 24) as f64));
-            }
+            std::hint::black_box(fma_tp(n, std::hint::black_box(_mm512_set1_ps(1.0))));
+            let s = cpu() - t;
+            eprintln!(
+                "vfmadd231ps zmm: {:.2} G/s ({:.1} GFLOP/s)",
+                16.0 * n as f64 / s / 1e9,
+                32.0 * 16.0 * n as f64 / s / 1e9
+            );
         }
     }
 }

@@ -1,8 +1,8 @@
 //! AVX-512 pieces of the bf16 kernels: loading 16 × 16 blocks of strided f32 operands (transposed
-//! in registers when the operand is column-major), rounding them to bf16, packing A and B
-//! (layouts in [`super::bf16`]), the `vdpbf16ps` kernel and the epilogue stores.
+//! in registers when the operand is column-major), rounding them to bf16 with `vcvtne2ps2bf16`,
+//! packing A and B (layouts in [`super::bf16`]), the `vdpbf16ps` kernel and the epilogue stores.
 
-use super::bf16::{Epilogue, PackedB, TILE_N};
+use super::bf16::{Block, Epilogue, Step, TILE_N};
 use super::Mat;
 use std::arch::x86_64::*;
 
@@ -87,66 +87,100 @@ pub(super) unsafe fn load_block(mat: Mat, r0: usize, c0: usize, nr: usize, nc: u
     v
 }
 
-/// Each lane rounded to bf16 (nearest, ties to even; NaN made quiet so it stays NaN), in the high
-/// 16 bits of its 32 (the low 16 are junk). Same as [`super::bf16::to_bf16`].
-#[target_feature(enable = "avx512f")]
+/// Two vectors of 16 floats rounded to bf16 (as [`super::bf16::to_bf16`]): `lo` in the low 16
+/// words, `hi` in the high 16.
+#[target_feature(enable = "avx512f,avx512bf16")]
 #[inline]
-pub(super) fn bf16_high(v: __m512) -> __m512i {
-    let bits = _mm512_castps_si512(v);
-    let lsb = _mm512_and_si512(_mm512_srli_epi32::<16>(bits), _mm512_set1_epi32(1));
-    let rounded = _mm512_add_epi32(bits, _mm512_add_epi32(lsb, _mm512_set1_epi32(0x7FFF)));
-    let nan = _mm512_cmp_ps_mask::<_CMP_UNORD_Q>(v, v);
-    _mm512_mask_mov_epi32(rounded, nan, _mm512_or_si512(bits, _mm512_set1_epi32(0x0040_0000)))
+fn to_bf16x32(lo: __m512, hi: __m512) -> __m512i {
+    // SAFETY: __m512bh and __m512i are both 64 bytes of plain bits.
+    unsafe { std::mem::transmute::<__m512bh, __m512i>(_mm512_cvtne2ps_pbh(hi, lo)) }
 }
 
-/// 16 floats rounded to 16 bf16.
-#[target_feature(enable = "avx512f")]
-#[inline]
-pub(super) fn to_bf16x16(v: __m512) -> __m256i {
-    _mm512_cvtepi32_epi16(_mm512_srli_epi32::<16>(bf16_high(v)))
-}
-
-/// Rows i0..i0 + rows of `lhs` (columns 0..k) rounded to bf16 into `out`, row-major with rows
-/// k_pad apart; the columns past k and the rows past `rows` (up to out.len() / k_pad) are zero.
+/// `group` rows of A from row i0 (`rows` ≤ group of them real) into `out` (group × k_pad,
+/// row-major), rounded to bf16; columns past k and rows past `rows` are zero.
 ///
 /// # Safety
-/// `lhs` readable on rows i0..i0 + rows, columns 0..k; k_pad a multiple of 16 that is ≥ k.
-#[target_feature(enable = "avx512f,avx512bw")]
-pub(super) unsafe fn pack_a(lhs: Mat, i0: usize, rows: usize, k: usize, k_pad: usize, out: &mut [u16]) {
-    if k_pad == 0 {
-        return;
-    }
-    let rows_pad = out.len() / k_pad;
-    for r0 in (0..rows_pad).step_by(16) {
-        for c0 in (0..k_pad).step_by(16) {
+/// The CPU has AVX-512F/BW and AVX512_BF16; `lhs` readable on rows i0..i0 + rows, columns 0..k;
+/// `out` writable for group·k_pad; k_pad a multiple of 32, ≥ k; group a multiple of 16.
+#[target_feature(enable = "avx512f,avx512bw,avx512bf16")]
+pub(super) unsafe fn pack_a(
+    lhs: Mat,
+    i0: usize,
+    rows: usize,
+    k: usize,
+    k_pad: usize,
+    group: usize,
+    out: *mut u16,
+) {
+    for r0 in (0..group).step_by(16) {
+        let nr = rows.saturating_sub(r0);
+        for c0 in (0..k_pad).step_by(32) {
             // SAFETY: rows below `rows` and columns below k are readable.
-            let v = unsafe { load_block(lhs, i0 + r0, c0, rows.saturating_sub(r0), k.saturating_sub(c0)) };
-            for (t, v) in v.iter().enumerate().take(rows_pad - r0) {
-                let dst = &mut out[(r0 + t) * k_pad + c0..][..16];
-                // SAFETY: dst is 16 u16 = 32 bytes (bounds-checked above).
-                unsafe { _mm256_storeu_si256(dst.as_mut_ptr().cast(), to_bf16x16(*v)) };
+            let (lo, hi) = unsafe {
+                (
+                    load_block(lhs, i0 + r0, c0, nr, k.saturating_sub(c0)),
+                    load_block(lhs, i0 + r0, c0 + 16, nr, k.saturating_sub(c0 + 16)),
+                )
+            };
+            for t in 0..16 {
+                // SAFETY: row r0 + t < group, columns c0..c0 + 32 ≤ k_pad: inside `out`.
+                unsafe {
+                    _mm512_storeu_si512(out.add((r0 + t) * k_pad + c0).cast(), to_bf16x32(lo[t], hi[t]))
+                };
             }
         }
     }
 }
 
-/// Tile t (columns 16t..16t + 16) of rhs (k × n) in the pair layout of [`PackedB`].
+/// Tile t (columns 16t..16t + 16) of rhs (k × n) in the pair layout of [`super::bf16::PackedB`],
+/// into `out` (k_pad·16 elements).
 ///
 /// # Safety
-/// `rhs` readable on k × n; `tile` is k_pad·16 elements with k_pad a multiple of 16 and ≥ k.
-#[target_feature(enable = "avx512f,avx512bw")]
-pub(super) unsafe fn pack_b_tile(rhs: Mat, k: usize, n: usize, t: usize, tile: &mut [u16]) {
+/// The CPU has AVX-512F/BW and AVX512_BF16; `rhs` readable on k × n; k_pad a multiple of 32, ≥ k.
+#[target_feature(enable = "avx512f,avx512bw,avx512bf16")]
+pub(super) unsafe fn pack_b_tile(rhs: Mat, k: usize, n: usize, t: usize, k_pad: usize, out: *mut u16) {
     let j0 = t * TILE_N;
-    let high = _mm512_set1_epi32(0xFFFF_0000u32 as i32);
-    for (c, chunk) in tile.chunks_exact_mut(16 * TILE_N).enumerate() {
-        let k0 = 16 * c;
-        // SAFETY: rows below k and columns below n are readable.
-        let v = unsafe { load_block(rhs, k0, j0, k.saturating_sub(k0), n.saturating_sub(j0)) };
-        for (r, row) in chunk.chunks_exact_mut(2 * TILE_N).enumerate() {
-            let (even, odd) = (bf16_high(v[2 * r]), bf16_high(v[2 * r + 1]));
-            let pair = _mm512_or_si512(_mm512_and_si512(odd, high), _mm512_srli_epi32::<16>(even));
-            // SAFETY: row is 32 u16 = 64 bytes.
-            unsafe { _mm512_storeu_si512(row.as_mut_ptr().cast(), pair) };
+    let nc = n.saturating_sub(j0).min(TILE_N);
+    // Word 2j of a pair-row is word j of the converted even row, word 2j + 1 word j of the odd one.
+    let interleave = _mm512_set_epi16(
+        31, 15, 30, 14, 29, 13, 28, 12, 27, 11, 26, 10, 25, 9, 24, 8, 23, 7, 22, 6, 21, 5, 20, 4, 19, 3, 18,
+        2, 17, 1, 16, 0,
+    );
+    for k0 in (0..k_pad).step_by(32) {
+        let out = out.wrapping_add(k0 * TILE_N);
+        let (nk_lo, nk_hi) = (k.saturating_sub(k0).min(16), k.saturating_sub(k0 + 16).min(16));
+        if rhs.row == 1 && rhs.col != 1 {
+            // Column j holds k contiguously: 32 values of k are already 16 pairs; convert each
+            // column, then transpose the 16 × 16 dwords into pair-rows.
+            let mut v = [_mm512_setzero_ps(); 16];
+            for (u, v) in v.iter_mut().enumerate().take(nc) {
+                let col = rhs.ptr.wrapping_add(k0 + (j0 + u) * rhs.col);
+                // SAFETY: the masked lanes are rows k0.. (nk_lo, then nk_hi of them) of column
+                // j0 + u, readable.
+                let (lo, hi) = unsafe {
+                    (
+                        _mm512_maskz_loadu_ps(mask16(nk_lo), col),
+                        _mm512_maskz_loadu_ps(mask16(nk_hi), col.wrapping_add(16)),
+                    )
+                };
+                *v = _mm512_castsi512_ps(to_bf16x32(lo, hi));
+            }
+            transpose16(&mut v);
+            for (r, v) in v.iter().enumerate() {
+                // SAFETY: pair-row r of this chunk, 64 bytes inside the tile.
+                unsafe { _mm512_storeu_ps(out.add(2 * TILE_N * r).cast(), *v) };
+            }
+        } else {
+            // SAFETY: rows below k and columns below n are readable.
+            let (lo, hi) =
+                unsafe { (load_block(rhs, k0, j0, nk_lo, nc), load_block(rhs, k0 + 16, j0, nk_hi, nc)) };
+            for r in 0..16 {
+                let (even, odd) =
+                    if r < 8 { (lo[2 * r], lo[2 * r + 1]) } else { (hi[2 * r - 16], hi[2 * r - 15]) };
+                let pair = _mm512_permutexvar_epi16(interleave, to_bf16x32(even, odd));
+                // SAFETY: pair-row r of this chunk, 64 bytes inside the tile.
+                unsafe { _mm512_storeu_si512(out.add(2 * TILE_N * r).cast(), pair) };
+            }
         }
     }
 }
@@ -171,22 +205,47 @@ pub(super) unsafe fn store16(dst: *mut f32, cols: usize, acc: __m512, bias: *con
     unsafe { _mm512_mask_storeu_ps(dst, mask, v) };
 }
 
+/// Prefetches for writing the lines dst will take: `rows` rows (`dst_row` apart) of the first
+/// `cols` ≤ 32 floats from `dst`.
+#[target_feature(enable = "avx512f")]
+#[inline]
+pub(super) fn prefetch_rows(dst: *mut f32, dst_row: usize, rows: usize, cols: usize) {
+    for i in 0..rows {
+        let row = dst.wrapping_add(i * dst_row);
+        // A prefetch never faults, whatever the address.
+        _mm_prefetch::<_MM_HINT_ET0>(row.cast_const().cast());
+        if cols > 16 {
+            _mm_prefetch::<_MM_HINT_ET0>(row.wrapping_add(16).cast_const().cast());
+        }
+    }
+}
+
+/// The bias pointer for columns from `col`, or null.
+#[inline]
+pub(super) fn bias_at(e: &Epilogue, col: usize) -> *const f32 {
+    if e.bias.is_null() {
+        e.bias
+    } else {
+        e.bias.wrapping_add(col)
+    }
+}
+
 /// MR rows of packed A (rows `a_stride` elements apart) times two B tiles, over `pairs` pairs of
-/// k, with `vdpbf16ps`: acc[i][h] holds the sums for row i, columns 16h..16h + 16 of the pair.
-/// Each `vdpbf16ps` adds the odd-k product then the even-k product of a pair to its lane.
+/// k, with `vdpbf16ps`, added to `acc` (acc[i][h]: row i, columns 16h..16h + 16 of the pair).
+/// Each `vdpbf16ps` adds a pair's odd-k product, then its even-k one, to each lane.
 ///
 /// # Safety
 /// `a` readable for MR rows of 2·pairs, b0 and b1 for `pairs` rows of 32.
 #[target_feature(enable = "avx512f,avx512bf16")]
 #[inline]
 pub(super) unsafe fn dp_kernel<const MR: usize>(
+    mut acc: [[__m512; 2]; MR],
     a: *const u16,
     a_stride: usize,
     b0: *const u16,
     b1: *const u16,
     pairs: usize,
 ) -> [[__m512; 2]; MR] {
-    let mut acc = [[_mm512_setzero_ps(); 2]; MR];
     for r in 0..pairs {
         // SAFETY: pair-row r of both tiles and dword r of the MR rows are readable (contract).
         unsafe {
@@ -203,78 +262,82 @@ pub(super) unsafe fn dp_kernel<const MR: usize>(
     acc
 }
 
-/// One [`dp_kernel`] call and its stores: rows i0..i0 + MR of the block, columns j0..j0 + 32.
+/// Rows i0..i0 + MR of a [`Step`] on one [`Block`]: start from zero or the scratch block, run
+/// [`dp_kernel`] over the chunk, then store to the scratch block or (last chunk) through the
+/// epilogue to dst (the task's first row, column 0).
 ///
 /// # Safety
-/// As [`dp_block`], for these rows and columns.
+/// As [`dp_step`].
 #[target_feature(enable = "avx512f,avx512bf16")]
 #[inline]
-#[allow(clippy::too_many_arguments)]
 unsafe fn dp_rows<const MR: usize>(
-    a: *const u16,
-    b: &PackedB,
-    t: usize,
+    s: &Step,
+    blk: &Block,
     i0: usize,
     dst: *mut f32,
     dst_row: usize,
     e: &Epilogue,
 ) {
-    let j0 = t * TILE_N;
-    let tile = |t: usize| b.data[t * b.tile_len()..].as_ptr();
-    // SAFETY: rows i0..i0 + MR of A and tiles t, t + 1 of B are readable.
-    let acc = unsafe { dp_kernel::<MR>(a.add(i0 * b.k_pad), b.k_pad, tile(t), tile(t + 1), b.k_pad / 2) };
-    let cols = [b.n.saturating_sub(j0).min(16), b.n.saturating_sub(j0 + 16).min(16)];
+    let cols = [blk.cols.min(16), blk.cols.saturating_sub(16)];
+    let sc = s.scratch.wrapping_add(i0 * s.scratch_row + blk.scratch_col);
+    let mut acc = [[_mm512_setzero_ps(); 2]; MR];
+    if !s.first {
+        for (i, acc) in acc.iter_mut().enumerate() {
+            // SAFETY: rows i0.. of the scratch block, 32 columns of the pair, written by the
+            // previous chunk.
+            unsafe {
+                *acc = [
+                    _mm512_loadu_ps(sc.add(i * s.scratch_row)),
+                    _mm512_loadu_ps(sc.add(i * s.scratch_row + 16)),
+                ]
+            };
+        }
+    }
+    let d = dst.wrapping_add(i0 * dst_row + blk.col);
+    if s.last {
+        prefetch_rows(d, dst_row, MR, blk.cols);
+    }
+    // SAFETY: rows i0..i0 + MR of A and the chunk of both tiles are readable.
+    let acc =
+        unsafe { dp_kernel::<MR>(acc, s.a_row0.add(i0 * s.a_stride), s.a_stride, blk.b0, blk.b1, s.pairs) };
     for (i, acc) in acc.iter().enumerate() {
-        for h in 0..2 {
-            if cols[h] > 0 {
-                let bias = if e.bias.is_null() { e.bias } else { e.bias.wrapping_add(j0 + 16 * h) };
-                // SAFETY: row i0 + i, columns j0 + 16h.. (cols[h] of them) are this block's.
-                unsafe { store16(dst.add((i0 + i) * dst_row + j0 + 16 * h), cols[h], acc[h], bias, e) };
+        for (h, (&cols, &acc)) in cols.iter().zip(acc).enumerate() {
+            // SAFETY: row i0 + i of the scratch block or of the task's dst block, columns of the pair.
+            unsafe {
+                if !s.last {
+                    _mm512_storeu_ps(sc.add(i * s.scratch_row + 16 * h), acc);
+                } else if cols > 0 {
+                    store16(d.add(i * dst_row + 16 * h), cols, acc, bias_at(e, blk.col + 16 * h), e);
+                }
             }
         }
     }
 }
 
-/// The `vdpbf16ps` kernel on one block: `rows` rows of packed A (k_pad apart, padded to a
-/// multiple of 8) times B tiles t0..t1 (an even range), stored through the epilogue into dst
-/// (the block's first row, column 0 of the whole output; rows `dst_row` apart). Column pairs
-/// outer, blocks of 8 rows inner, so that a pair of B tiles is read from cache by all rows.
+/// The `vdpbf16ps` kernel on one chunk of k of a task's rows, for one pair of B tiles: 8 rows at a
+/// time (12 × 2 accumulators would spill; 8 × 2 keep two `vdpbf16ps` a cycle busy).
 ///
 /// # Safety
-/// The CPU has AVX-512F and AVX512_BF16; `a`, B and dst valid for these rows and tiles.
+/// The CPU has AVX-512F and AVX512_BF16; the step, block, dst (the task's first row, column 0,
+/// rows `dst_row` apart) and bias describe valid memory, the block of dst being the caller's.
 #[target_feature(enable = "avx512f,avx512bf16")]
-#[allow(clippy::too_many_arguments)]
-pub(super) unsafe fn dp_block(
-    a: *const u16,
-    rows: usize,
-    b: &PackedB,
-    t0: usize,
-    t1: usize,
-    dst: *mut f32,
-    dst_row: usize,
-    e: Epilogue,
-) {
-    for t in (t0..t1).step_by(2) {
-        if t * TILE_N >= b.n {
-            break;
-        }
-        let mut i0 = 0;
-        while i0 < rows {
-            let r = (rows - i0).min(8);
-            // SAFETY: forwarded: rows i0..i0 + r, tiles t and t + 1.
-            unsafe {
-                match r {
-                    8 => dp_rows::<8>(a, b, t, i0, dst, dst_row, &e),
-                    7 => dp_rows::<7>(a, b, t, i0, dst, dst_row, &e),
-                    6 => dp_rows::<6>(a, b, t, i0, dst, dst_row, &e),
-                    5 => dp_rows::<5>(a, b, t, i0, dst, dst_row, &e),
-                    4 => dp_rows::<4>(a, b, t, i0, dst, dst_row, &e),
-                    3 => dp_rows::<3>(a, b, t, i0, dst, dst_row, &e),
-                    2 => dp_rows::<2>(a, b, t, i0, dst, dst_row, &e),
-                    _ => dp_rows::<1>(a, b, t, i0, dst, dst_row, &e),
-                }
+pub(super) unsafe fn dp_step(s: &Step, blk: &Block, dst: *mut f32, dst_row: usize, e: &Epilogue) {
+    let mut i0 = 0;
+    while i0 < s.rows {
+        let r = (s.rows - i0).min(8);
+        // SAFETY: forwarded, rows i0..i0 + r.
+        unsafe {
+            match r {
+                8 => dp_rows::<8>(s, blk, i0, dst, dst_row, e),
+                7 => dp_rows::<7>(s, blk, i0, dst, dst_row, e),
+                6 => dp_rows::<6>(s, blk, i0, dst, dst_row, e),
+                5 => dp_rows::<5>(s, blk, i0, dst, dst_row, e),
+                4 => dp_rows::<4>(s, blk, i0, dst, dst_row, e),
+                3 => dp_rows::<3>(s, blk, i0, dst, dst_row, e),
+                2 => dp_rows::<2>(s, blk, i0, dst, dst_row, e),
+                _ => dp_rows::<1>(s, blk, i0, dst, dst_row, e),
             }
-            i0 += r;
         }
+        i0 += r;
     }
 }

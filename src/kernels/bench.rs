@@ -56,9 +56,22 @@ struct Product {
     per_step: usize,
 }
 
+/// What `collapse_lab::tune_allocator` does in the lab's binaries (keep freed large blocks
+/// instead of unmapping them), so that the packing buffers are not page-faulted in at every call.
+fn tune_allocator() {
+    #[cfg(all(target_os = "linux", target_env = "gnu"))]
+    // SAFETY: mallopt only changes allocator parameters.
+    unsafe {
+        libc::mallopt(libc::M_MMAP_THRESHOLD, 256 << 20);
+        libc::mallopt(libc::M_TRIM_THRESHOLD, 1 << 30);
+        libc::mallopt(libc::M_TOP_PAD, 64 << 20);
+    }
+}
+
 #[test]
 #[ignore]
 fn matmul_speed() {
+    tune_allocator();
     let pool = rayon::ThreadPoolBuilder::new().num_threads(2).build().unwrap();
     let one = rayon::ThreadPoolBuilder::new().num_threads(1).build().unwrap();
     // Config A: 4 layers, d = 256, vocabulary 8192, 16 × 128 = 2048 rows.
@@ -146,6 +159,9 @@ fn matmul_speed() {
         }
         let (mut flops, mut secs, mut secs1) = (0f64, 0f64, 0f64);
         for p in &products {
+            if std::env::var("KERNELS_BENCH_SHAPE").is_ok_and(|only| !p.name.contains(&only)) {
+                continue;
+            }
             let f = 2.0 * (p.m * p.n * p.k) as f64;
             let dst = dst.as_mut_ptr() as usize;
             let go = || {
@@ -155,8 +171,8 @@ fn matmul_speed() {
                     matmul(kernels, precision, p.m, p.n, p.k, dst, p.n, p.accumulate, p.lhs, p.rhs, 1.0, true)
                 }
             };
-            let t = pool.install(|| best(reps, go));
             let t1 = one.install(|| best_cpu(reps, go));
+            let t = pool.install(|| best(reps, go));
             println!(
                 "  {label:<16} {:<32} 2 threads {:>7.1}  1 thread {:>7.1}  ({:.3} ms)",
                 p.name,
@@ -258,6 +274,7 @@ mod baseline {
 #[test]
 #[ignore]
 fn packed_speed() {
+    tune_allocator();
     let pool = rayon::ThreadPoolBuilder::new().num_threads(2).build().unwrap();
     let reps = reps() * 4;
     println!("packed few-row products, 2 threads, best of {reps}:");
@@ -301,6 +318,76 @@ fn packed_speed() {
                 };
                 let t = pool.install(|| best(reps, || packed_matmul(&mut y, &x, &packed, Some(&bias), rows)));
                 report(&label, bytes, t);
+            }
+        }
+    }
+}
+
+/// The bf16 kernels alone on operands packed beforehand, 1 thread (its CPU time): how fast the
+/// compute part is, against the whole product.
+#[test]
+#[ignore]
+fn bf16_compute_only() {
+    use super::bf16::{gemm_packed, Epilogue, Out, PackedA, PackedB, Schedule, SharedPtr};
+    tune_allocator();
+    let one = rayon::ThreadPoolBuilder::new().num_threads(1).build().unwrap();
+    let reps = reps();
+    for (m, n, k) in [(2048, 768, 256), (2048, 256, 1024), (256, 256, 2048), (2048, 8192, 256)] {
+        let a: Vec<f32> = (0..m * k).map(|i| (i % 91) as f32 / 91.0 - 0.5).collect();
+        let b: Vec<f32> = (0..k * n).map(|i| (i % 83) as f32 / 83.0 - 0.5).collect();
+        let mut dst = vec![0f32; m * n];
+        for value in ["avx512", "auto"] {
+            let kernels = Kernels::parse(value).unwrap();
+            let Some(kind) = kernels.bf16() else { continue };
+            // SAFETY: a is m × k, b is k × n row-major; the CPU has the kernel.
+            let (pa, pb) = unsafe {
+                (
+                    PackedA::new(Mat::row_major(a.as_ptr(), k), m, k, true, false),
+                    PackedB::new(Mat::row_major(b.as_ptr(), n), k, n, true, false),
+                )
+            };
+            let f = 2.0 * (m * n * k) as f64;
+            for plain in [true, false] {
+                let e = Epilogue {
+                    scale: if plain { 1.0 } else { 0.5 },
+                    accumulate: false,
+                    bias: std::ptr::null(),
+                };
+                let out = Out { dst: SharedPtr(dst.as_mut_ptr()), dst_row: n, e };
+                // SAFETY: as above; dst is m × n.
+                let t = one.install(|| {
+                    best_cpu(reps, || unsafe {
+                        gemm_packed(kind, &pa, &pb, out, Schedule::Blocks { parallel: false })
+                    })
+                });
+                let tp = one.install(|| {
+                    best_cpu(reps, || unsafe {
+                        std::hint::black_box((
+                            PackedA::new(Mat::row_major(a.as_ptr(), k), m, k, true, false),
+                            PackedB::new(Mat::row_major(b.as_ptr(), n), k, n, true, false),
+                        ));
+                    })
+                });
+                let tf = one.install(|| {
+                    best_cpu(reps, || unsafe {
+                        let (lhs, rhs) = (Mat::row_major(a.as_ptr(), k), Mat::row_major(b.as_ptr(), n));
+                        matmul(
+                            kernels,
+                            Precision::Bf16,
+                            m,
+                            n,
+                            k,
+                            dst.as_mut_ptr(),
+                            n,
+                            false,
+                            lhs,
+                            rhs,
+                            e.scale,
+                            true,
+                        )
+                    })
+                });
+                println!("  {kind:?} {m}×{k}·{k}×{n} plain {plain}: compute {:.1} GFLOP/s ({:.3} ms), packing {:.3} ms, matmul {:.3} ms", f / t / 1e9, t * 1e3, tp * 1e3, tf * 1e3);
             }
         }
     }

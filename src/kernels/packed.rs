@@ -7,7 +7,7 @@
 //! contiguous 256-byte row and the whole product is one sequential stream per thread. bf16 weights
 //! are stored as the B operand of the bf16 kernels (pair layout, see `bf16.rs`), half the bytes.
 
-use super::bf16::{gemm_packed, round_bf16, ASource, Epilogue, PackedB, SharedPtr, TILE_N};
+use super::bf16::{gemm_packed, round_bf16, Epilogue, Out, PackedA, PackedB, Schedule, SharedPtr, TILE_N};
 use super::{Bf16Kernel, Fp32Kernel, Kernels, Mat, Precision};
 use rayon::prelude::*;
 
@@ -186,16 +186,13 @@ fn bf16_product(
     let (oc, ic) = (b.n, b.k);
     if let Some(kind) = kernels.bf16() {
         let kind = if kind == Bf16Kernel::Amx && rows < AMX_MIN_ROWS { Bf16Kernel::Avx512Bf16 } else { kind };
-        let mut a = vec![0u16; rows.next_multiple_of(32) * b.k_pad];
-        #[cfg(target_arch = "x86_64")]
-        // SAFETY: inp is rows × ic row-major; a bf16 kernel implies AVX-512F/BW.
-        unsafe {
-            super::avx512::pack_a(Mat::row_major(inp.as_ptr(), ic), 0, rows, ic, b.k_pad, &mut a)
-        };
+        // SAFETY: inp is rows × ic row-major; a bf16 kernel implies AVX512_BF16 and AVX-512F/BW.
+        let a = unsafe { PackedA::new(Mat::row_major(inp.as_ptr(), ic), rows, ic, true, false) };
         let e =
             Epilogue { scale: 1.0, accumulate: false, bias: bias.map_or(std::ptr::null(), |b| b.as_ptr()) };
-        // SAFETY: `a` holds rows (padded to 32) × k_pad; out is rows × oc; bias oc floats.
-        unsafe { gemm_packed(kind, rows, ASource::Packed(&a), b, out.as_mut_ptr(), oc, e, true) };
+        let out = Out { dst: SharedPtr(out.as_mut_ptr()), dst_row: oc, e };
+        // SAFETY: `a` and `b` are packed for the same k; out is rows × oc; bias oc floats.
+        unsafe { gemm_packed(kind, &a, b, out, Schedule::Columns) };
         return;
     }
     // No bf16 kernel: the inputs rounded to bf16 (kept as f32, k padded like B), the weights
@@ -208,7 +205,7 @@ fn bf16_product(
     let fp32 = kernels.fp32();
     split(oc.div_ceil(TILE_N), |tiles| {
         for t in tiles {
-            let tile = &b.data[t * b.tile_len()..(t + 1) * b.tile_len()];
+            let tile = &b.data.as_slice()[t * b.tile_len()..(t + 1) * b.tile_len()];
             let (j0, cols) = (t * TILE_N, TILE_N.min(oc - t * TILE_N));
             let bias = bias.map(|b| &b[j0..j0 + cols]);
             // SAFETY (both): columns j0..j0 + cols of `out` are this tile's alone; x is rows × k_pad.

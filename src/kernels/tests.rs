@@ -457,7 +457,7 @@ fn env_var_parsing() {
 
 #[test]
 fn bf16_rounding() {
-    let cases: [(u32, u16); 10] = [
+    let cases: [(u32, u16); 11] = [
         (0x3F80_0000, 0x3F80), // 1
         (0x3F80_8000, 0x3F80), // tie, even below
         (0x3F81_8000, 0x3F82), // tie, even above
@@ -466,7 +466,8 @@ fn bf16_rounding() {
         (0x8000_0000, 0x8000), // -0
         (0x7F7F_FFFF, 0x7F80), // f32::MAX rounds to +inf
         (0xFF80_0000, 0xFF80), // -inf
-        (0x0000_8001, 0x0001), // denormal, rounded like any other
+        (0x0000_8001, 0x0000), // denormal: zero, as vcvtne2ps2bf16 makes it
+        (0x8060_0000, 0x8000), // negative denormal: -0
         (0x7F80_0001, 0x7FC0), // signalling NaN with only low payload bits: stays NaN
     ];
     for (bits, want) in cases {
@@ -493,19 +494,27 @@ fn avx512_packing_matches_scalar() {
         .collect();
     for mat in [Mat::row_major(data.as_ptr(), cols), Mat { ptr: data.as_ptr(), row: cols, col: 2 }] {
         let c = if mat.col == 1 { cols } else { cols / 2 };
-        // A: rows × c packed row-major, k padded to 96.
-        let mut a = vec![7u16; 40 * 96];
-        // SAFETY: the matrix lies inside `data`; the CPU has AVX-512F/BW.
-        unsafe { super::avx512::pack_a(mat, 0, rows, c, 96, &mut a) };
-        for i in 0..40 {
-            for p in 0..96 {
-                // SAFETY: (i, p) inside the matrix when i < rows and p < c.
-                let want = if i < rows && p < c {
-                    to_bf16(unsafe { *mat.ptr.add(i * mat.row + p * mat.col) })
-                } else {
-                    0
-                };
-                assert_eq!(a[i * 96 + p], want, "pack_a ({i}, {p})");
+        // A: rows × c packed row-major (k padded to a multiple of 32, rows to 32), and its transpose.
+        for (a, m, k) in [(mat, rows, c), (Mat { ptr: mat.ptr, row: mat.col, col: mat.row }, c, rows)] {
+            // SAFETY: the matrix lies inside `data`; the CPU has AVX512_BF16 and AVX-512F/BW.
+            let (fast, slow) = unsafe {
+                (
+                    super::bf16::PackedA::new(a, m, k, true, false),
+                    super::bf16::PackedA::new(a, m, k, false, false),
+                )
+            };
+            assert_eq!(fast.data.as_slice(), slow.data.as_slice(), "pack_a {m} × {k}");
+            let k_pad = k.next_multiple_of(32);
+            for i in 0..m.next_multiple_of(32) {
+                for p in 0..k_pad {
+                    let want = if i < m && p < k {
+                        // SAFETY: (i, p) inside the matrix.
+                        to_bf16(unsafe { *a.ptr.add(i * a.row + p * a.col) })
+                    } else {
+                        0
+                    };
+                    assert_eq!(slow.data.as_slice()[i * k_pad + p], want, "pack_a ({i}, {p})");
+                }
             }
         }
         // B: the same matrix as k × n, and its transpose.
@@ -517,7 +526,7 @@ fn avx512_packing_matches_scalar() {
                     super::bf16::PackedB::new(b, k, n, false, false),
                 )
             };
-            assert_eq!(fast.data, slow.data, "pack_b {k} × {n}");
+            assert_eq!(fast.data.as_slice(), slow.data.as_slice(), "pack_b {k} × {n}");
         }
     }
 }
