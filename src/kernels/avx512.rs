@@ -112,9 +112,30 @@ pub(super) unsafe fn pack_a(
     group: usize,
     out: *mut u16,
 ) {
-    for r0 in (0..group).step_by(16) {
+    let block = |r0: usize, c0: usize| {
         let nr = rows.saturating_sub(r0);
-        for c0 in (0..k_pad).step_by(32) {
+        let rows16: [__m512i; 16] = if lhs.row == 1 && lhs.col != 1 {
+            // Column p holds the rows contiguously: convert k pairs (2q, 2q + 1) for 16 rows,
+            // interleave them into dwords (a column of 16 k-pairs), then transpose the 16 × 16
+            // dwords: half the shuffles of transposing the f32.
+            let mask = mask16(nr);
+            let mut v = [_mm512_setzero_ps(); 16];
+            for (q, v) in v.iter_mut().enumerate() {
+                let p = c0 + 2 * q;
+                let col = |p: usize| lhs.ptr.wrapping_add(i0 + r0 + p * lhs.col);
+                // SAFETY: the masked lanes are rows i0 + r0.. (nr of them) of columns p, p + 1
+                // when below k (else nothing is read).
+                let (even, odd) = unsafe {
+                    (
+                        if p < k { _mm512_maskz_loadu_ps(mask, col(p)) } else { _mm512_setzero_ps() },
+                        if p + 1 < k { _mm512_maskz_loadu_ps(mask, col(p + 1)) } else { _mm512_setzero_ps() },
+                    )
+                };
+                *v = _mm512_castsi512_ps(_mm512_permutexvar_epi16(interleave(), to_bf16x32(even, odd)));
+            }
+            transpose16(&mut v);
+            v.map(|v| _mm512_castps_si512(v))
+        } else {
             // SAFETY: rows below `rows` and columns below k are readable.
             let (lo, hi) = unsafe {
                 (
@@ -122,32 +143,82 @@ pub(super) unsafe fn pack_a(
                     load_block(lhs, i0 + r0, c0 + 16, nr, k.saturating_sub(c0 + 16)),
                 )
             };
-            for t in 0..16 {
-                // SAFETY: row r0 + t < group, columns c0..c0 + 32 ≤ k_pad: inside `out`.
-                unsafe {
-                    _mm512_storeu_si512(out.add((r0 + t) * k_pad + c0).cast(), to_bf16x32(lo[t], hi[t]))
-                };
+            std::array::from_fn(|t| to_bf16x32(lo[t], hi[t]))
+        };
+        for (t, row) in rows16.iter().enumerate() {
+            // SAFETY: row r0 + t < group, columns c0..c0 + 32 ≤ k_pad: inside `out`.
+            unsafe { _mm512_storeu_si512(out.add((r0 + t) * k_pad + c0).cast(), *row) };
+        }
+    };
+    if lhs.col == 1 {
+        // Rows are contiguous: each 16 rows from start to end, 16 sequential streams.
+        for r0 in (0..group).step_by(16) {
+            for c0 in (0..k_pad).step_by(32) {
+                block(r0, c0);
+            }
+        }
+    } else {
+        // Columns are (or may be) far apart, each on a page of its own, and so are the packed
+        // rows: tiles of up to 512 rows × 512 columns touch at most 1024 pages (the second-level
+        // TLB holds more), each read and written for a few hundred bytes at once.
+        for kb in (0..k_pad).step_by(512) {
+            for c0 in (kb..k_pad.min(kb + 512)).step_by(32) {
+                for r0 in (0..group).step_by(16) {
+                    block(r0, c0);
+                }
             }
         }
     }
 }
 
-/// Tile t (columns 16t..16t + 16) of rhs (k × n) in the pair layout of [`super::bf16::PackedB`],
-/// into `out` (k_pad·16 elements).
-///
-/// # Safety
-/// The CPU has AVX-512F/BW and AVX512_BF16; `rhs` readable on k × n; k_pad a multiple of 32, ≥ k.
-#[target_feature(enable = "avx512f,avx512bw,avx512bf16")]
-pub(super) unsafe fn pack_b_tile(rhs: Mat, k: usize, n: usize, t: usize, k_pad: usize, out: *mut u16) {
-    let j0 = t * TILE_N;
-    let nc = n.saturating_sub(j0).min(TILE_N);
-    // Word 2j of a pair-row is word j of the converted even row, word 2j + 1 word j of the odd one.
-    let interleave = _mm512_set_epi16(
+/// The word permutation that interleaves two converted vectors (`to_bf16x32(even, odd)`) into
+/// dwords (even j, odd j): word 2j takes word j, word 2j + 1 word 16 + j.
+#[target_feature(enable = "avx512f,avx512bw")]
+#[inline]
+fn interleave() -> __m512i {
+    _mm512_set_epi16(
         31, 15, 30, 14, 29, 13, 28, 12, 27, 11, 26, 10, 25, 9, 24, 8, 23, 7, 22, 6, 21, 5, 20, 4, 19, 3, 18,
         2, 17, 1, 16, 0,
-    );
+    )
+}
+
+/// Tiles t0..t0 + count (columns 16t0..) of rhs (k × n) in the pair layout of
+/// [`super::bf16::PackedB`], into `out` (count tiles of k_pad·16 elements), 32 k at a time for
+/// all the tiles (so that a row of a row-major rhs is read for all of them at once).
+///
+/// # Safety
+/// The CPU has AVX-512F/BW and AVX512_BF16; `rhs` readable on k × n; k_pad a multiple of 32, ≥ k;
+/// `out` writable for count·k_pad·16 elements.
+#[target_feature(enable = "avx512f,avx512bw,avx512bf16")]
+pub(super) unsafe fn pack_b_tiles(
+    rhs: Mat,
+    k: usize,
+    n: usize,
+    t0: usize,
+    count: usize,
+    k_pad: usize,
+    out: *mut u16,
+) {
     for k0 in (0..k_pad).step_by(32) {
-        let out = out.wrapping_add(k0 * TILE_N);
+        for t in 0..count {
+            // SAFETY: chunk k0 of tile t0 + t, inside `out` (contract).
+            unsafe { pack_b_chunk(rhs, k, n, t0 + t, k0, out.add(t * k_pad * TILE_N + k0 * TILE_N)) };
+        }
+    }
+}
+
+/// Pair-rows k0/2..k0/2 + 16 of tile t (columns 16t..16t + 16) of rhs (k × n), into `out`
+/// (16 rows of 32 bf16).
+///
+/// # Safety
+/// As [`pack_b_tiles`]; `out` writable for 512 elements.
+#[target_feature(enable = "avx512f,avx512bw,avx512bf16")]
+#[inline]
+unsafe fn pack_b_chunk(rhs: Mat, k: usize, n: usize, t: usize, k0: usize, out: *mut u16) {
+    let j0 = t * TILE_N;
+    let nc = n.saturating_sub(j0).min(TILE_N);
+    let interleave = interleave();
+    {
         let (nk_lo, nk_hi) = (k.saturating_sub(k0).min(16), k.saturating_sub(k0 + 16).min(16));
         if rhs.row == 1 && rhs.col != 1 {
             // Column j holds k contiguously: 32 values of k are already 16 pairs; convert each

@@ -392,3 +392,45 @@ fn bf16_compute_only() {
         }
     }
 }
+
+/// Packing speed of A (row-major and transposed) and B, 1 thread (its CPU time).
+#[test]
+#[ignore]
+fn bf16_packing_speed() {
+    use super::bf16::{PackedA, PackedB};
+    tune_allocator();
+    if Kernels::detect().bf16().is_none() {
+        eprintln!("skipped: bf16_packing_speed: no bf16 kernel");
+        return;
+    }
+    let one = rayon::ThreadPoolBuilder::new().num_threads(1).build().unwrap();
+    let (r, c) = (8192, 2048);
+    let x: Vec<f32> = (0..r * c).map(|i| (i % 91) as f32 / 91.0 - 0.5).collect();
+    let reps = reps();
+    let gb = |t: f64| (r * c * 4) as f64 / t / 1e9;
+    // SAFETY (all): x holds r × c floats, read row-major or transposed; the CPU has AVX512_BF16.
+    let t = one.install(|| {
+        best_cpu(reps, || unsafe {
+            drop(std::hint::black_box(PackedA::new(Mat::row_major(x.as_ptr(), c), r, c, true, false)))
+        })
+    });
+    println!("  pack A row-major {r}×{c}: {:.2} ms, {:.1} GB/s of f32", t * 1e3, gb(t));
+    let t = one.install(|| {
+        best_cpu(reps, || unsafe {
+            drop(std::hint::black_box(PackedA::new(Mat::transposed(x.as_ptr(), r), r, c, true, false)))
+        })
+    });
+    println!("  pack A transposed {r}×{c}: {:.2} ms, {:.1} GB/s of f32", t * 1e3, gb(t));
+    let t = one.install(|| {
+        best_cpu(reps, || unsafe {
+            drop(std::hint::black_box(PackedB::new(Mat::row_major(x.as_ptr(), c), r, c, true, false)))
+        })
+    });
+    println!("  pack B row-major {r}×{c}: {:.2} ms, {:.1} GB/s of f32", t * 1e3, gb(t));
+    let t = one.install(|| {
+        best_cpu(reps, || unsafe {
+            drop(std::hint::black_box(PackedB::new(Mat::transposed(x.as_ptr(), r), r, c, true, false)))
+        })
+    });
+    println!("  pack B transposed {r}×{c}: {:.2} ms, {:.1} GB/s of f32", t * 1e3, gb(t));
+}

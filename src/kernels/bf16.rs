@@ -167,32 +167,42 @@ impl PackedA {
     /// AVX-512F/BW).
     pub(super) unsafe fn new(lhs: Mat, m: usize, k: usize, hw: bool, parallel: bool) -> PackedA {
         let k_pad = k.next_multiple_of(K_ALIGN);
-        let group = ROW_ALIGN * k_pad;
-        let groups = m.div_ceil(ROW_ALIGN);
+        let rows_pad = m.next_multiple_of(ROW_ALIGN);
+        // Units of work: 32 rows; when the rows are not contiguous, as many (up to 512) as still
+        // give each thread two units, so that each column (a row of the transposed matrix, often
+        // a page of its own) is read for many rows at once.
+        let threads = if parallel { rayon::current_num_threads().max(1) } else { 1 };
+        let unit = if lhs.col == 1 {
+            ROW_ALIGN
+        } else {
+            (rows_pad / (2 * threads) / ROW_ALIGN * ROW_ALIGN).clamp(ROW_ALIGN, 16 * ROW_ALIGN)
+        };
+        let units = rows_pad.div_ceil(unit);
         let fill = |out: *mut u16| {
             let out = SharedPtr(out);
             let work = |g: usize| {
-                let rows = ROW_ALIGN.min(m - g * ROW_ALIGN);
-                // SAFETY: group g is elements g·group..(g + 1)·group of the buffer, written by this
-                // call alone; lhs is readable on m × k (contract).
+                let (i0, group) = (g * unit, unit.min(rows_pad - g * unit));
+                let rows = group.min(m - i0);
+                // SAFETY: rows i0..i0 + group are elements i0·k_pad..(i0 + group)·k_pad of the
+                // buffer, written by this call alone; lhs is readable on m × k (contract).
                 unsafe {
-                    let out = out.get().add(g * group);
+                    let out = out.get().add(i0 * k_pad);
                     #[cfg(target_arch = "x86_64")]
                     if hw {
-                        return super::avx512::pack_a(lhs, g * ROW_ALIGN, rows, k, k_pad, ROW_ALIGN, out);
+                        return super::avx512::pack_a(lhs, i0, rows, k, k_pad, group, out);
                     }
                     let _ = hw;
-                    pack_a_scalar(lhs, g * ROW_ALIGN, rows, k, k_pad, out);
+                    pack_a_scalar(lhs, i0, rows, k, k_pad, group, out);
                 }
             };
-            if parallel && groups > 1 && m * k >= 1 << 14 {
-                (0..groups).into_par_iter().for_each(work);
+            if parallel && units > 1 && m * k >= 1 << 14 {
+                (0..units).into_par_iter().for_each(work);
             } else {
-                (0..groups).for_each(work);
+                (0..units).for_each(work);
             }
         };
-        // SAFETY: the groups cover the buffer's groups·group elements, each writing all of its own.
-        let data = unsafe { Bf16Buf::filled(groups * group, fill) };
+        // SAFETY: the units cover the buffer's rows_pad·k_pad elements, each writing all of its own.
+        let data = unsafe { Bf16Buf::filled(rows_pad * k_pad, fill) };
         PackedA { data, m, k_pad }
     }
 
@@ -202,12 +212,20 @@ impl PackedA {
     }
 }
 
-/// ROW_ALIGN rows of A from row i0 (`rows` of them real) in plain Rust.
+/// `group` rows of A from row i0 (`rows` of them real) in plain Rust.
 ///
 /// # Safety
-/// lhs readable on rows i0..i0 + rows, columns 0..k; `out` writable for ROW_ALIGN·k_pad.
-unsafe fn pack_a_scalar(lhs: Mat, i0: usize, rows: usize, k: usize, k_pad: usize, out: *mut u16) {
-    for i in 0..ROW_ALIGN {
+/// lhs readable on rows i0..i0 + rows, columns 0..k; `out` writable for group·k_pad.
+unsafe fn pack_a_scalar(
+    lhs: Mat,
+    i0: usize,
+    rows: usize,
+    k: usize,
+    k_pad: usize,
+    group: usize,
+    out: *mut u16,
+) {
+    for i in 0..group {
         for p in 0..k_pad {
             let v = if i < rows && p < k {
                 // SAFETY: (i0 + i, p) is inside the matrix.
@@ -250,25 +268,33 @@ impl PackedB {
         let (k_pad, n_pad) = (k.next_multiple_of(K_ALIGN), n.next_multiple_of(N_ALIGN));
         let tile_len = k_pad * TILE_N;
         let tiles = n_pad / TILE_N;
+        // Units of work: one tile; when rhs is row-major, as many (up to 32) as still give each
+        // thread two units, so that each row (often a page of its own) is read for many tiles.
+        let threads = if parallel { rayon::current_num_threads().max(1) } else { 1 };
+        let unit = if rhs.col == 1 { (tiles / (2 * threads)).clamp(1, 32) } else { 1 };
         let fill = |out: *mut u16| {
             let out = SharedPtr(out);
-            let work = |t: usize| {
-                // SAFETY: tile t is elements t·tile_len..(t + 1)·tile_len, written by this call
-                // alone; rhs is readable on k × n (contract).
+            let work = |g: usize| {
+                let (t0, count) = (g * unit, unit.min(tiles - g * unit));
+                // SAFETY: tiles t0..t0 + count are elements t0·tile_len..(t0 + count)·tile_len,
+                // written by this call alone; rhs is readable on k × n (contract).
                 unsafe {
-                    let out = out.get().add(t * tile_len);
+                    let out = out.get().add(t0 * tile_len);
                     #[cfg(target_arch = "x86_64")]
                     if hw {
-                        return super::avx512::pack_b_tile(rhs, k, n, t, k_pad, out);
+                        return super::avx512::pack_b_tiles(rhs, k, n, t0, count, k_pad, out);
                     }
                     let _ = hw;
-                    pack_b_tile_scalar(rhs, k, n, t, k_pad, out);
+                    for t in 0..count {
+                        pack_b_tile_scalar(rhs, k, n, t0 + t, k_pad, out.add(t * tile_len));
+                    }
                 }
             };
-            if parallel && k * n >= 1 << 14 {
-                (0..tiles).into_par_iter().for_each(work);
+            let units = tiles.div_ceil(unit);
+            if parallel && units > 1 && k * n >= 1 << 14 {
+                (0..units).into_par_iter().for_each(work);
             } else {
-                (0..tiles).for_each(work);
+                (0..units).for_each(work);
             }
         };
         // SAFETY: the tiles cover the buffer's tiles·tile_len elements, each writing all of its own.
@@ -444,13 +470,23 @@ pub(super) unsafe fn gemm_packed(kind: Bf16Kernel, a: &PackedA, b: &PackedB, out
     };
     match schedule {
         Schedule::Columns => {
+            // Each thread its share of the column pairs, for all rows, 64 rows at a time (more
+            // would touch too many pages of dst per pair of B tiles).
             let threads = rayon::current_num_threads().clamp(1, pairs);
-            let task =
-                |th: usize| Task { i0: 0, i1: m, p0: th * pairs / threads, p1: (th + 1) * pairs / threads };
+            let work = |th: usize| {
+                for i0 in (0..m).step_by(64) {
+                    run(Task {
+                        i0,
+                        i1: m.min(i0 + 64),
+                        p0: th * pairs / threads,
+                        p1: (th + 1) * pairs / threads,
+                    });
+                }
+            };
             if threads == 1 {
-                run(task(0));
+                work(0);
             } else {
-                (0..threads).into_par_iter().for_each(|th| run(task(th)));
+                (0..threads).into_par_iter().for_each(work);
             }
         }
         Schedule::Blocks { parallel } => {

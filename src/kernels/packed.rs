@@ -13,9 +13,11 @@ use rayon::prelude::*;
 
 /// Outputs per f32 panel: four 512-bit registers, or eight 256-bit ones.
 const GROUP: usize = 64;
+/// Rows per pass over the f32 panels.
+const ROW_CHUNK: usize = 64;
 /// Products of at least this many rows go to the AMX kernel when there is one (it pads the rows
 /// to 32); fewer go to `vdpbf16ps`, which computes only the rows asked for.
-const AMX_MIN_ROWS: usize = 16;
+const AMX_MIN_ROWS: usize = 4;
 
 /// A weight matrix W (out × inp, row-major: out rows of inp weights, as in `y = x·Wᵀ + b`) packed
 /// once for [`packed_matmul`], in f32 or rounded to bf16, for the kernels it was packed with.
@@ -123,22 +125,27 @@ fn f32_product(
 ) {
     let out_p = SharedPtr(out.as_mut_ptr());
     split(oc.div_ceil(GROUP), |groups| {
-        for g in groups {
-            let panel = &panels[g * ic * GROUP..(g + 1) * ic * GROUP];
-            let (j0, cols) = (g * GROUP, GROUP.min(oc - g * GROUP));
-            let bias = bias.map(|b| &b[j0..j0 + cols]);
-            // SAFETY (all arms): columns j0..j0 + cols of every row of `out` (rows × oc) are this
-            // group's alone; `inp` is rows × ic and `panel` ic × 64; the CPU has the chosen kernel.
-            match kernel {
-                #[cfg(target_arch = "x86_64")]
-                Fp32Kernel::Avx512 => unsafe {
-                    x86::group_avx512(inp, ic, rows, panel, out_p.get(), oc, j0, cols, bias)
-                },
-                #[cfg(target_arch = "x86_64")]
-                Fp32Kernel::Avx2 => unsafe {
-                    x86::group_avx2(inp, ic, rows, panel, out_p.get(), oc, j0, cols, bias)
-                },
-                _ => unsafe { group_scalar(inp, ic, rows, panel, out_p.get(), oc, j0, cols, bias) },
+        // Up to ROW_CHUNK rows at a time, so that the rows written while a panel is in cache stay
+        // few (more would touch too many pages of `out` per panel).
+        for r0 in (0..rows).step_by(ROW_CHUNK) {
+            let n = ROW_CHUNK.min(rows - r0);
+            let (x, out) = (&inp[r0 * ic..(r0 + n) * ic], out_p.get().wrapping_add(r0 * oc));
+            for g in groups.clone() {
+                let panel = &panels[g * ic * GROUP..(g + 1) * ic * GROUP];
+                let (j0, cols) = (g * GROUP, GROUP.min(oc - g * GROUP));
+                let bias = bias.map(|b| &b[j0..j0 + cols]);
+                // SAFETY (all arms): columns j0..j0 + cols of rows r0..r0 + n of `out` (rows × oc)
+                // are this group's alone; `x` is n × ic and `panel` ic × 64; the CPU has the
+                // chosen kernel.
+                match kernel {
+                    #[cfg(target_arch = "x86_64")]
+                    Fp32Kernel::Avx512 => unsafe {
+                        x86::group_avx512(x, ic, n, panel, out, oc, j0, cols, bias)
+                    },
+                    #[cfg(target_arch = "x86_64")]
+                    Fp32Kernel::Avx2 => unsafe { x86::group_avx2(x, ic, n, panel, out, oc, j0, cols, bias) },
+                    _ => unsafe { group_scalar(x, ic, n, panel, out, oc, j0, cols, bias) },
+                }
             }
         }
     });
