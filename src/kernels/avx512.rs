@@ -266,13 +266,15 @@ unsafe fn pack_b_chunk(rhs: Mat, k: usize, n: usize, t: usize, k0: usize, out: *
 pub(super) unsafe fn store16(dst: *mut f32, cols: usize, acc: __m512, bias: *const f32, e: &Epilogue) {
     let mask = mask16(cols);
     let mut v = _mm512_mul_ps(acc, _mm512_set1_ps(e.scale));
-    // SAFETY (all three): masked to the `cols` valid floats.
     if e.accumulate {
+        // SAFETY: masked to the `cols` valid floats of dst.
         v = _mm512_add_ps(unsafe { _mm512_maskz_loadu_ps(mask, dst) }, v);
     }
     if !bias.is_null() {
+        // SAFETY: masked to the `cols` valid floats of the bias.
         v = _mm512_add_ps(v, unsafe { _mm512_maskz_loadu_ps(mask, bias) });
     }
+    // SAFETY: masked to the `cols` valid floats of dst.
     unsafe { _mm512_mask_storeu_ps(dst, mask, v) };
 }
 

@@ -323,8 +323,8 @@ fn packed_speed() {
     }
 }
 
-/// The bf16 kernels alone on operands packed beforehand, 1 thread (its CPU time): how fast the
-/// compute part is, against the whole product.
+/// The bf16 kernels alone on operands packed beforehand, against packing and the whole
+/// product, 1 thread (its CPU time): where a bf16 product's time goes.
 #[test]
 #[ignore]
 fn bf16_compute_only() {
@@ -332,63 +332,44 @@ fn bf16_compute_only() {
     tune_allocator();
     let one = rayon::ThreadPoolBuilder::new().num_threads(1).build().unwrap();
     let reps = reps();
+    println!("bf16 products, 1 thread (CPU time), best of {reps}:");
     for (m, n, k) in [(2048, 768, 256), (2048, 256, 1024), (256, 256, 2048), (2048, 8192, 256)] {
         let a: Vec<f32> = (0..m * k).map(|i| (i % 91) as f32 / 91.0 - 0.5).collect();
         let b: Vec<f32> = (0..k * n).map(|i| (i % 83) as f32 / 83.0 - 0.5).collect();
+        let (lhs, rhs) = (Mat::row_major(a.as_ptr(), k), Mat::row_major(b.as_ptr(), n));
         let mut dst = vec![0f32; m * n];
+        let d = SharedPtr(dst.as_mut_ptr());
         for value in ["avx512", "auto"] {
             let kernels = Kernels::parse(value).unwrap();
             let Some(kind) = kernels.bf16() else { continue };
-            // SAFETY: a is m × k, b is k × n row-major; the CPU has the kernel.
-            let (pa, pb) = unsafe {
-                (
-                    PackedA::new(Mat::row_major(a.as_ptr(), k), m, k, true, false),
-                    PackedB::new(Mat::row_major(b.as_ptr(), n), k, n, true, false),
-                )
+            // SAFETY: lhs is m × k and rhs k × n, row-major in `a` and `b`; the CPU has AVX512_BF16.
+            let pack =
+                || unsafe { (PackedA::new(lhs, m, k, true, false), PackedB::new(rhs, k, n, true, false)) };
+            let (pa, pb) = pack();
+            let out = Out {
+                dst: d,
+                dst_row: n,
+                e: Epilogue { scale: 1.0, accumulate: false, bias: std::ptr::null() },
             };
             let f = 2.0 * (m * n * k) as f64;
-            for plain in [true, false] {
-                let e = Epilogue {
-                    scale: if plain { 1.0 } else { 0.5 },
-                    accumulate: false,
-                    bias: std::ptr::null(),
-                };
-                let out = Out { dst: SharedPtr(dst.as_mut_ptr()), dst_row: n, e };
-                // SAFETY: as above; dst is m × n.
-                let t = one.install(|| {
-                    best_cpu(reps, || unsafe {
-                        gemm_packed(kind, &pa, &pb, out, Schedule::Blocks { parallel: false })
-                    })
-                });
-                let tp = one.install(|| {
-                    best_cpu(reps, || unsafe {
-                        std::hint::black_box((
-                            PackedA::new(Mat::row_major(a.as_ptr(), k), m, k, true, false),
-                            PackedB::new(Mat::row_major(b.as_ptr(), n), k, n, true, false),
-                        ));
-                    })
-                });
-                let tf = one.install(|| {
-                    best_cpu(reps, || unsafe {
-                        let (lhs, rhs) = (Mat::row_major(a.as_ptr(), k), Mat::row_major(b.as_ptr(), n));
-                        matmul(
-                            kernels,
-                            Precision::Bf16,
-                            m,
-                            n,
-                            k,
-                            dst.as_mut_ptr(),
-                            n,
-                            false,
-                            lhs,
-                            rhs,
-                            e.scale,
-                            true,
-                        )
-                    })
-                });
-                println!("  {kind:?} {m}×{k}·{k}×{n} plain {plain}: compute {:.1} GFLOP/s ({:.3} ms), packing {:.3} ms, matmul {:.3} ms", f / t / 1e9, t * 1e3, tp * 1e3, tf * 1e3);
-            }
+            // SAFETY: pa and pb are packed for the same k; dst is m × n.
+            let compute =
+                || unsafe { gemm_packed(kind, &pa, &pb, out, Schedule::Blocks { parallel: false }) };
+            // SAFETY: as above.
+            let whole = || unsafe {
+                matmul(kernels, Precision::Bf16, m, n, k, d.get(), n, false, lhs, rhs, 1.0, true)
+            };
+            let t = one.install(|| best_cpu(reps, compute));
+            let tp = one.install(|| best_cpu(reps, || drop(std::hint::black_box(pack()))));
+            let tf = one.install(|| best_cpu(reps, whole));
+            println!(
+                "  {kind:<10?} {m}×{k}·{k}×{n}: kernels {:6.1} GFLOP/s ({:.3} ms), packing {:.3} ms, whole {:6.1} GFLOP/s ({:.3} ms)",
+                f / t / 1e9,
+                t * 1e3,
+                tp * 1e3,
+                f / tf / 1e9,
+                tf * 1e3
+            );
         }
     }
 }
@@ -408,26 +389,29 @@ fn bf16_packing_speed() {
     let x: Vec<f32> = (0..r * c).map(|i| (i % 91) as f32 / 91.0 - 0.5).collect();
     let reps = reps();
     let gb = |t: f64| (r * c * 4) as f64 / t / 1e9;
-    // SAFETY (all): x holds r × c floats, read row-major or transposed; the CPU has AVX512_BF16.
     let t = one.install(|| {
+        // SAFETY: x holds r × c floats, read row-major or transposed; the CPU has AVX512_BF16.
         best_cpu(reps, || unsafe {
             drop(std::hint::black_box(PackedA::new(Mat::row_major(x.as_ptr(), c), r, c, true, false)))
         })
     });
     println!("  pack A row-major {r}×{c}: {:.2} ms, {:.1} GB/s of f32", t * 1e3, gb(t));
     let t = one.install(|| {
+        // SAFETY: x holds r × c floats, read row-major or transposed; the CPU has AVX512_BF16.
         best_cpu(reps, || unsafe {
             drop(std::hint::black_box(PackedA::new(Mat::transposed(x.as_ptr(), r), r, c, true, false)))
         })
     });
     println!("  pack A transposed {r}×{c}: {:.2} ms, {:.1} GB/s of f32", t * 1e3, gb(t));
     let t = one.install(|| {
+        // SAFETY: x holds r × c floats, read row-major or transposed; the CPU has AVX512_BF16.
         best_cpu(reps, || unsafe {
             drop(std::hint::black_box(PackedB::new(Mat::row_major(x.as_ptr(), c), r, c, true, false)))
         })
     });
     println!("  pack B row-major {r}×{c}: {:.2} ms, {:.1} GB/s of f32", t * 1e3, gb(t));
     let t = one.install(|| {
+        // SAFETY: x holds r × c floats, read row-major or transposed; the CPU has AVX512_BF16.
         best_cpu(reps, || unsafe {
             drop(std::hint::black_box(PackedB::new(Mat::transposed(x.as_ptr(), r), r, c, true, false)))
         })

@@ -134,16 +134,18 @@ fn f32_product(
                 let panel = &panels[g * ic * GROUP..(g + 1) * ic * GROUP];
                 let (j0, cols) = (g * GROUP, GROUP.min(oc - g * GROUP));
                 let bias = bias.map(|b| &b[j0..j0 + cols]);
-                // SAFETY (all arms): columns j0..j0 + cols of rows r0..r0 + n of `out` (rows × oc)
-                // are this group's alone; `x` is n × ic and `panel` ic × 64; the CPU has the
-                // chosen kernel.
+                // Columns j0..j0 + cols of rows r0..r0 + n of `out` (rows × oc) are this group's
+                // alone; `x` is n × ic and `panel` ic × 64.
                 match kernel {
                     #[cfg(target_arch = "x86_64")]
+                    // SAFETY: as said above; the CPU has AVX-512F (the kernel was detected).
                     Fp32Kernel::Avx512 => unsafe {
                         x86::group_avx512(x, ic, n, panel, out, oc, j0, cols, bias)
                     },
                     #[cfg(target_arch = "x86_64")]
+                    // SAFETY: as said above; the CPU has AVX2 and FMA (the kernel was detected).
                     Fp32Kernel::Avx2 => unsafe { x86::group_avx2(x, ic, n, panel, out, oc, j0, cols, bias) },
+                    // SAFETY: as said above.
                     _ => unsafe { group_scalar(x, ic, n, panel, out, oc, j0, cols, bias) },
                 }
             }
@@ -215,13 +217,15 @@ fn bf16_product(
             let tile = &b.data.as_slice()[t * b.tile_len()..(t + 1) * b.tile_len()];
             let (j0, cols) = (t * TILE_N, TILE_N.min(oc - t * TILE_N));
             let bias = bias.map(|b| &b[j0..j0 + cols]);
-            // SAFETY (both): columns j0..j0 + cols of `out` are this tile's alone; x is rows × k_pad.
+            // Columns j0..j0 + cols of `out` are this tile's alone; x is rows × k_pad.
             #[cfg(target_arch = "x86_64")]
             if fp32 != Fp32Kernel::Portable {
+                // SAFETY: as said above; AVX2 and FMA exist (an AVX2 or AVX-512 kernel was detected).
                 unsafe { x86::widen_tile_avx2(&x, b.k_pad, rows, tile, out_p.get(), oc, j0, cols, bias) };
                 continue;
             }
             let _ = fp32;
+            // SAFETY: as said above.
             unsafe { widen_tile_scalar(&x, b.k_pad, rows, tile, out_p.get(), oc, j0, cols, bias) };
         }
     });
