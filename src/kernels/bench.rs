@@ -3,6 +3,7 @@
 //! `cargo test --release kernels::bench -- --ignored --nocapture`.
 
 use super::*;
+use std::ops::Not;
 use std::time::Instant;
 
 /// Best of `reps` timings of `f` (after one warm-up call), in seconds.
@@ -157,13 +158,12 @@ fn matmul_speed() {
         if std::env::var("KERNELS_BENCH_ONLY").is_ok_and(|only| !label.contains(&only)) {
             continue;
         }
-        let (mut flops, mut secs, mut secs1) = (0f64, 0f64, 0f64);
-        for p in &products {
-            if std::env::var("KERNELS_BENCH_SHAPE").is_ok_and(|only| !p.name.contains(&only)) {
-                continue;
-            }
-            let f = 2.0 * (p.m * p.n * p.k) as f64;
-            let dst = dst.as_mut_ptr() as usize;
+        let selected: Vec<&Product> = products
+            .iter()
+            .filter(|p| std::env::var("KERNELS_BENCH_SHAPE").is_ok_and(|only| !p.name.contains(&only)).not())
+            .collect();
+        let dst = dst.as_mut_ptr() as usize;
+        let time = |p: &Product, pool: &rayon::ThreadPool, cpu: bool| {
             let go = || {
                 // SAFETY: the buffers hold every operand at these shapes; dst is separate.
                 unsafe {
@@ -171,8 +171,15 @@ fn matmul_speed() {
                     matmul(kernels, precision, p.m, p.n, p.k, dst, p.n, p.accumulate, p.lhs, p.rhs, 1.0, true)
                 }
             };
-            let t1 = one.install(|| best_cpu(reps, go));
-            let t = pool.install(|| best(reps, go));
+            pool.install(|| if cpu { best_cpu(reps, go) } else { best(reps, go) })
+        };
+        // All the 2-thread timings, then all the 1-thread ones: the idle threads of one pool spin
+        // for a while after each product, which would disturb the other pool's timing.
+        let two: Vec<f64> = selected.iter().map(|p| time(p, &pool, false)).collect();
+        let single: Vec<f64> = selected.iter().map(|p| time(p, &one, true)).collect();
+        let (mut flops, mut secs, mut secs1) = (0f64, 0f64, 0f64);
+        for ((p, &t), &t1) in selected.iter().zip(&two).zip(&single) {
+            let f = 2.0 * (p.m * p.n * p.k) as f64;
             println!(
                 "  {label:<16} {:<32} 2 threads {:>7.1}  1 thread {:>7.1}  ({:.3} ms)",
                 p.name,
@@ -306,7 +313,9 @@ fn packed_speed() {
                 let label = match precision {
                     Precision::F32 => format!("f32 {:?}", kernels.fp32()),
                     Precision::Bf16 => match kernels.bf16() {
-                        Some(Bf16Kernel::Amx) if rows < 16 => "bf16 Avx512Bf16 (<16)".to_string(),
+                        Some(Bf16Kernel::Amx) if rows < super::packed::AMX_MIN_ROWS => {
+                            "bf16 Avx512Bf16 (few rows)".to_string()
+                        }
                         Some(b) => format!("bf16 {b:?}"),
                         None => continue,
                     },
