@@ -159,8 +159,8 @@ pub(super) struct PackedA {
 }
 
 impl PackedA {
-    /// lhs (m × k) rounded to bf16 and packed, 32 rows at a time, over rayon's threads when
-    /// `parallel`. Uses the AVX-512 packing when the CPU has a bf16 kernel, else plain Rust.
+    /// lhs (m × k) rounded to bf16 and packed, by units of rows spread over rayon's threads when
+    /// `parallel`. Uses the AVX-512 packing when `hw`, else plain Rust (same result).
     ///
     /// # Safety
     /// lhs must be readable at every (i, p) of m × k; `hw` only if the CPU has AVX512_BF16 (with

@@ -1,6 +1,6 @@
 //! Few-row products against a fixed weight matrix (the decode steps of sampling): the weights are
-//! packed once into the layout the kernel streams, and each product reads them exactly once per
-//! thread share, with all the rows (up to a few hundred) multiplied while a panel sits in cache.
+//! packed once into the layout the kernel streams, the threads take equal shares of them, and
+//! each share is read once per 64 rows, all those rows multiplied while a panel sits in cache.
 //!
 //! f32 weights are stored in panels of 64 outputs ([`GROUP`]): panel g is the (inp × 64) block of
 //! Wᵀ for outputs 64g..64g + 64, row-major, zero-padded past `out`, so that one k step reads one
@@ -208,8 +208,10 @@ fn bf16_product(
     // No bf16 kernel: the inputs rounded to bf16 (kept as f32, k padded like B), the weights
     // widened to f32 on the fly, summed in k order.
     let mut x = vec![0f32; rows * b.k_pad];
-    for (xr, ir) in x.chunks_exact_mut(b.k_pad).zip(inp.chunks_exact(ic.max(1))) {
-        xr.iter_mut().zip(ir).for_each(|(x, &v)| *x = round_bf16(v));
+    if ic > 0 {
+        for (xr, ir) in x.chunks_exact_mut(b.k_pad).zip(inp.chunks_exact(ic)) {
+            xr.iter_mut().zip(ir).for_each(|(x, &v)| *x = round_bf16(v));
+        }
     }
     let out_p = SharedPtr(out.as_mut_ptr());
     let fp32 = kernels.fp32();
