@@ -244,6 +244,17 @@ pub struct TrainConfig {
     pub eval_blocks: usize,
     /// Stop after this many evaluations without a better validation loss (0 = never).
     pub patience: usize,
+    /// The inputs of the matrix products: fp32, or bf16 (products summed in f32; f32 master
+    /// weights and AdamW state) on CPUs with AMX-BF16 or AVX512-BF16. Measurements are f32.
+    pub precision: Precision,
+}
+
+/// The arithmetic of training's matrix products.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, clap::ValueEnum)]
+#[serde(rename_all = "kebab-case")]
+pub enum Precision {
+    Fp32,
+    Bf16,
 }
 
 /// How a generation samples its corpus.
@@ -344,7 +355,7 @@ pub struct Config {
 pub const SPLIT: [f64; 3] = [0.9, 0.05, 0.05];
 
 /// The presets, smallest first.
-pub const PRESETS: [&str; 5] = ["smoke", "lab", "cpu", "cpu-large", "paper"];
+pub const PRESETS: [&str; 6] = ["smoke", "lab", "cpu", "cpu-large", "shumailov", "paper"];
 
 impl Config {
     /// A named preset.
@@ -363,6 +374,7 @@ impl Config {
             eval_interval: 200,
             eval_blocks: 200,
             patience: 0,
+            precision: Precision::Fp32,
         };
         let small = |vocab, d, layers, heads| ModelConfig {
             vocab_size: vocab,
@@ -450,6 +462,20 @@ impl Config {
                 train: TrainConfig { epochs: 4.0, eval_interval: 250, ..base.clone() },
                 sample,
                 recursion,
+            },
+            // Shumailov et al.'s protocol on 2 CPU cores: a word-level base model pretrained once on the
+            // train split after the real data, every generation fine-tuned from it.
+            "shumailov" => Config {
+                preset: name.into(),
+                seed: 0,
+                data: DataConfig { train_lines: 4000, eval_lines: 0, block_size: 64, split_ratio: SPLIT },
+                tokenizer: TokenizerConfig { kind: TokenizerKind::Word, corpus: TokenizerCorpus::Train },
+                finetune: FinetuneConfig { epochs: 1.0, lr: 1e-3, min_lr: 1e-4, warmup_steps: 20 },
+                base: based.clone(),
+                model: small(0, 128, 2, 4),
+                train: TrainConfig { epochs: 2.0, eval_interval: 250, ..base.clone() },
+                sample,
+                recursion: RecursionConfig { init: InitMode::Base, ..recursion },
             },
             // GPU scale.
             "paper" => Config {
@@ -671,6 +697,7 @@ fn legacy_defaults() -> Value {
     serde_json::json!({
         "data": {"split_ratio": SPLIT},
         "tokenizer": {"kind": "bpe", "corpus": "real"},
+        "train": {"precision": "fp32"},
         "finetune": {"epochs": 1.0, "lr": 1e-3, "min_lr": 1e-4, "warmup_steps": 20},
         "base": {"lines": 0, "seed": 0},
     })

@@ -127,6 +127,24 @@ impl DirLock {
         Ok(Self { _file: Some(file) })
     }
 
+    /// Takes an exclusive lock on the file `path` (created if needed), waiting for another holder
+    /// to finish: for work that a second process should wait for rather than redo.
+    pub fn wait_for(path: &Path) -> Result<Self> {
+        use std::os::unix::io::AsRawFd;
+        let file = std::fs::OpenOptions::new()
+            .read(true)
+            .write(true)
+            .create(true)
+            .truncate(false)
+            .open(path)
+            .with_context(|| format!("cannot open the lock file {}", path.display()))?;
+        // SAFETY: flock on a file descriptor we own; it blocks until the lock is ours.
+        if unsafe { libc::flock(file.as_raw_fd(), libc::LOCK_EX) } != 0 {
+            anyhow::bail!("cannot lock {}: {}", path.display(), std::io::Error::last_os_error());
+        }
+        Ok(Self { _file: Some(file) })
+    }
+
     /// Whether the directory is on a read-only file system (no lock was needed).
     pub fn read_only(&self) -> bool {
         self._file.is_none()

@@ -7,7 +7,8 @@
 //! config, files, fault          settings; atomic files and hashes; test hooks (used by every stage)
 //! data                          corpora: splits, lines, evaluation blocks
 //! tokenizer                     the frozen BPE tokenizer
-//! model                         the GPT described once; candle reference, fast CPU engine, kernels
+//! kernels                       CPU matrix products: fp32 (AVX2, AVX-512), bf16 (AMX, AVX512-BF16)
+//! model                         the GPT described once; candle reference, fast CPU engine, its ops
 //! train, checkpoint             the training loop; model directories
 //! sampler, sample               token choice; batched generation and beam search
 //! metrics                       perplexities, corpus metrics, n-gram baselines, the registry
@@ -24,6 +25,7 @@ pub mod config;
 pub mod data;
 pub mod fault;
 pub mod files;
+pub mod kernels;
 pub mod metrics;
 pub mod model;
 pub mod recursion;

@@ -387,11 +387,7 @@ pub fn write_report(run: &Path) -> Result<()> {
     }
     html.push_str("</tr>\n");
     for row in &rows {
-        let id = match row.id {
-            RowId::Real => "real".to_string(),
-            RowId::Generation(g) => g.to_string(),
-        };
-        write!(html, "<tr><td>{id}</td>")?;
+        write!(html, "<tr><td>{}</td>", row.id.label())?;
         for &m in &columns {
             write!(html, "<td>{}</td>", cell(row.value(m)))?;
         }

@@ -181,7 +181,7 @@ mod tests {
     }
 
     fn model() -> Model {
-        Model::Fast(fast::Model::new(&cfg(), &init_weights(&cfg(), 9)))
+        Model::Fast(fast::Model::new(crate::model::ops::Compute::fp32(), &cfg(), &init_weights(&cfg(), 9)))
     }
 
     fn reference() -> Gpt {

@@ -186,14 +186,14 @@ impl Sampler {
 /// the `+inf` entries of a row become ones with everything else zero (the
 /// limits of the softmax in those cases). NaNs are ignored by the maximum.
 fn exp_weights(x: &mut [f32], temperature: f32) {
-    let max = crate::model::kernels::max(x);
+    let max = crate::model::ops::max(x);
     if max.is_infinite() {
         for v in x.iter_mut() {
             *v = if *v == max { 1.0 } else { 0.0 };
         }
     } else {
         for v in x.iter_mut() {
-            *v = crate::model::kernels::fast_exp((*v - max) / temperature);
+            *v = crate::model::ops::fast_exp((*v - max) / temperature);
         }
     }
 }

@@ -12,6 +12,7 @@ use collapse_lab::config::{Config, TrainConfig};
 use collapse_lab::model::candle::{seed_device, Dropout, Gpt, KvCache};
 use collapse_lab::model::engine::{Engine, Model};
 use collapse_lab::model::score::sequence_nlls;
+use collapse_lab::model::ops::Compute;
 use collapse_lab::model::{fast, init_weights, ModelConfig};
 use collapse_lab::sample::{generate, Decoding};
 use collapse_lab::sampler::SamplerSettings;
@@ -104,7 +105,7 @@ fn kv_cache_logits_match_the_cpu_reference(dev: &Device) {
     let rows = random_rows(3, 18, cfg().vocab_size, 2);
     let model = candle_on(dev, 9);
     let mut cache = KvCache::new(cfg().n_layer);
-    let cpu = fast::Model::new(&cfg(), &init_weights(&cfg(), 9));
+    let cpu = fast::Model::new(Compute::fp32(), &cfg(), &init_weights(&cfg(), 9));
     let mut fast = cpu.decoder(3);
     let prefill: Vec<Vec<u32>> = rows.iter().map(|r| r[..12].to_vec()).collect();
     let got = model.forward_cached(&tensor(&prefill, dev), &mut cache).unwrap();
@@ -141,7 +142,7 @@ fn a_training_step_matches_the_cpu_reference(dev: &Device) {
 
     let w0 = init_weights(&cfg(), 11);
     let mut trainer = Engine::Candle(dev.clone()).trainer(&cfg(), &w0, &tc, 0).unwrap();
-    let mut reference = Engine::Fast.trainer(&cfg(), &w0, &tc, 0).unwrap();
+    let mut reference = Engine::Fast(Compute::fp32()).trainer(&cfg(), &w0, &tc, 0).unwrap();
     assert_eq!((trainer.name(), reference.name()), ("candle", "fast"));
     let (x, y) = (x.concat(), y.concat());
 

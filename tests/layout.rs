@@ -5,13 +5,14 @@
 use std::path::Path;
 
 /// Top-level module → level; a module may use only modules of its level or below.
-const LEVELS: [(&str, u8); 19] = [
+const LEVELS: [(&str, u8); 20] = [
     ("config", 0),
     ("files", 0),
     ("fault", 0),
     ("data", 1),
     ("tokenizer", 2),
     ("model", 3),
+    ("kernels", 3),
     ("hf", 3),
     ("train", 4),
     ("checkpoint", 4),

@@ -36,6 +36,8 @@ pub enum Command {
     Prepare(PrepareArgs),
     /// Train a GPT on wikitext-2 and keep the best-validation checkpoint.
     Train(TrainArgs),
+    /// Pretrain (or find in the cache) the base model that `run --init base` fine-tunes from.
+    Pretrain(PretrainArgs),
     /// Perplexity of a trained model on the real test (or validation) split.
     Eval(EvalArgs),
     /// The interpolated Kneser–Ney word bigram (and a unigram): the reference a GPT must beat.
@@ -81,6 +83,17 @@ impl Common {
     }
 }
 
+/// The base model of `--init base`.
+#[derive(Debug, Args)]
+pub struct BaseArgs {
+    /// With --init base: fine-tune from this model directory instead of the cached base
+    #[arg(long, value_name = "DIR")]
+    pub base: Option<PathBuf>,
+    /// Where pretrained bases are cached, one directory per content hash
+    #[arg(long, value_name = "DIR", default_value = recursion::BASE_CACHE)]
+    pub base_cache: PathBuf,
+}
+
 #[derive(Debug, Args)]
 pub struct PrepareArgs {
     /// bpe (byte-level BPE) or word (one token per word)
@@ -119,6 +132,30 @@ pub struct TrainArgs {
     /// Output directory for model.safetensors, model.json and tokenizer.json
     #[arg(long, value_name = "DIR")]
     pub out: PathBuf,
+    /// No progress bar
+    #[arg(long)]
+    pub quiet: bool,
+    #[command(flatten)]
+    pub common: Common,
+}
+
+#[derive(Debug, Args)]
+pub struct PretrainArgs {
+    /// Named configuration (its model, train settings, tokenizer and data.train_lines decide the base)
+    #[arg(long, default_value = "shumailov")]
+    pub preset: String,
+    /// A TOML or JSON file of differences from the preset
+    #[arg(long, value_name = "FILE")]
+    pub config: Option<PathBuf>,
+    /// Override one setting, e.g. --set train.epochs=3 (repeatable)
+    #[arg(long = "set", value_name = "KEY=VALUE")]
+    pub sets: Vec<String>,
+    /// The base's seed (base.seed)
+    #[arg(long)]
+    pub seed: Option<u64>,
+    /// Where pretrained bases are cached
+    #[arg(long, value_name = "DIR", default_value = recursion::BASE_CACHE)]
+    pub base_cache: PathBuf,
     /// No progress bar
     #[arg(long)]
     pub quiet: bool,
@@ -209,6 +246,8 @@ pub struct RunArgs {
     #[arg(long)]
     pub quiet: bool,
     #[command(flatten)]
+    pub base: BaseArgs,
+    #[command(flatten)]
     pub common: Common,
 }
 
@@ -222,6 +261,8 @@ pub struct ResumeArgs {
     /// No progress bars or table
     #[arg(long)]
     pub quiet: bool,
+    #[command(flatten)]
+    pub base: BaseArgs,
     #[command(flatten)]
     pub common: Common,
 }
@@ -265,6 +306,8 @@ pub struct SweepArgs {
     pub out: PathBuf,
     #[arg(long)]
     pub quiet: bool,
+    #[command(flatten)]
+    pub base: BaseArgs,
     #[command(flatten)]
     pub common: Common,
 }
@@ -366,6 +409,9 @@ pub struct BenchArgs {
     /// cpu, cuda, cuda:N, or auto
     #[arg(long, default_value = "cpu")]
     pub device: String,
+    /// The arithmetic of training's products (and of sampling's, with --mode sample)
+    #[arg(long, value_enum, default_value = "fp32")]
+    pub precision: crate::config::Precision,
 }
 
 #[derive(Debug, Clone, Copy, clap::ValueEnum)]
@@ -379,6 +425,7 @@ pub fn run(cli: Cli) -> Result<()> {
     match cli.command {
         Command::Prepare(a) => prepare(a),
         Command::Train(a) => train_cmd(a),
+        Command::Pretrain(a) => pretrain(a),
         Command::Eval(a) => eval(a),
         Command::Baseline(a) => baseline(a),
         Command::Bench(a) => bench(a),
@@ -445,7 +492,9 @@ pub fn engine(spec: &str) -> Result<Engine> {
             _ => return usage(format!("--device {s}: expected cpu, cuda, cuda:N or auto")),
         },
     };
-    Ok(Engine::new(device))
+    // COLLAPSE_LAB_KERNELS may force slower kernels (to test them on a machine that has faster ones).
+    let kernels = crate::kernels::Kernels::from_env().map_err(UsageError)?;
+    Engine::new(device).with(kernels, crate::kernels::Precision::F32)
 }
 
 /// A known preset, or a usage error listing them.
@@ -481,7 +530,7 @@ fn prepare(a: PrepareArgs) -> Result<()> {
 fn train_cmd(a: TrainArgs) -> Result<()> {
     check_preset(&a.preset)?;
     let cfg = Config::resolve(&a.preset, a.config.as_deref(), &a.sets, a.seed)?;
-    let engine = engine(&a.common.device)?;
+    let engine = engine(&a.common.device)?.with_precision(cfg.train.precision)?;
     if a.out.join(run_dir::RUN_JSON).exists() {
         return usage(format!(
             "--out {}: that is a run directory (it holds run.json); `train` writes a model directory of its own",
@@ -546,6 +595,33 @@ fn train_cmd(a: TrainArgs) -> Result<()> {
         t.best_valid_loss.exp(),
         t.best_step,
         a.out.display()
+    );
+    Ok(())
+}
+
+fn pretrain(a: PretrainArgs) -> Result<()> {
+    check_preset(&a.preset)?;
+    let mut sets = a.sets.clone();
+    if let Some(seed) = a.seed {
+        sets.push(format!("base.seed={seed}"));
+    }
+    let cfg = Config::resolve(&a.preset, a.config.as_deref(), &sets, None)?;
+    let engine = engine(&a.common.device)?.with_precision(cfg.train.precision)?;
+    let corpus = a.common.corpus(cfg.data.split_ratio)?;
+    let tok = recursion::train_tokenizer(&cfg, &corpus)?;
+    let base = recursion::base::for_run(&cfg, &corpus, &tok, &engine, &a.base_cache, a.quiet)?;
+    let info = checkpoint::read_info(&base.dir)?;
+    let t = &info.training;
+    println!(
+        "base {}: {} parameters, {} steps ({:.2} epochs of {} tokens){}; best valid loss {:.4} (token perplexity {:.2})",
+        base.dir.display(),
+        n_params(&info.model),
+        t.steps,
+        t.epochs,
+        t.train_tokens,
+        if base.pretrained_now { format!(" in {:.0} s at {:.0} tokens/s", t.wall_s, t.tokens_per_s) } else { String::new() },
+        t.best_valid_loss,
+        t.best_valid_loss.exp()
     );
     Ok(())
 }
@@ -618,8 +694,11 @@ fn bench(a: BenchArgs) -> Result<()> {
     if a.iters == 0 {
         return usage("--iters must be at least 1");
     }
-    let engine = engine(&a.device)?;
+    let engine = engine(&a.device)?.with_precision(a.precision)?;
     let shape = crate::bench::shape(&a.config)?;
+    if !a.json {
+        println!("{}", engine.describe());
+    }
     match a.mode {
         BenchMode::Train => {
             let r = crate::bench::bench_train(&shape, a.warmup, a.iters, &engine)?;
@@ -691,7 +770,14 @@ fn run_cmd(a: RunArgs) -> Result<()> {
         }
     };
     let opts =
-        RunOptions { out, data: a.common.data.clone(), quiet: a.quiet, engine: engine(&a.common.device)? };
+        RunOptions {
+            out,
+            data: a.common.data.clone(),
+            quiet: a.quiet,
+            engine: engine(&a.common.device)?,
+            base: a.base.base.clone(),
+            base_cache: a.base.base_cache.clone(),
+        };
     let done = recursion::start_run(cfg, &opts, a.force, table::observer(a.quiet).as_mut())?;
     crate::report::write_report(&opts.out)?;
     drop(done.lock);
@@ -724,6 +810,8 @@ fn resume(a: ResumeArgs) -> Result<()> {
         data: a.common.data.clone(),
         quiet: a.quiet,
         engine: engine(&a.common.device)?,
+        base: a.base.base.clone(),
+        base_cache: a.base.base_cache.clone(),
     };
     let done = recursion::continue_run(&opts, a.generations, table::observer(a.quiet).as_mut())?;
     // A finished run that was only read stays untouched (it may be on a read-only medium).
@@ -888,6 +976,8 @@ fn sweep(a: SweepArgs) -> Result<()> {
             data: a.common.data.clone(),
             quiet: a.quiet,
             engine: engine.clone(),
+            base: a.base.base.clone(),
+            base_cache: a.base.base_cache.clone(),
         };
         if !a.quiet {
             println!("== {name}");

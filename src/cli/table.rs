@@ -1,7 +1,7 @@
 //! The console table a run prints: one row per generation as it is measured, columns chosen by the
 //! metric registry.
 
-use crate::metrics::registry::{Metric, Row, RowId, Value};
+use crate::metrics::registry::{Metric, Row, Value};
 use crate::recursion::Observer;
 use std::path::Path;
 
@@ -19,10 +19,7 @@ pub fn header() -> String {
 
 /// One row as the run prints it.
 pub fn format_row(row: &Row) -> String {
-    let id = match row.id {
-        RowId::Real => "real".to_string(),
-        RowId::Generation(g) => g.to_string(),
-    };
+    let id = row.id.label();
     let mut cells = vec![format!("{id:>10}")];
     for (m, _) in columns() {
         cells.push(match row.value(m) {

@@ -121,6 +121,10 @@ pub struct CorpusMetrics {
     /// Shannon entropy (bits) of the corpus word unigram distribution.
     #[serde(deserialize_with = "f64_or_nan")]
     pub unigram_entropy: f64,
+    /// Share of the first `ttr_n` words whose type is no word of the reference (or of its known
+    /// words): invented words, which real text never has.
+    #[serde(default = "nan", deserialize_with = "f64_or_nan")]
+    pub nonword_rate: f64,
 }
 
 impl CorpusMetrics {
@@ -147,6 +151,9 @@ pub struct Reference {
     /// The distinct unigrams, bigrams and trigrams with their counts.
     ngrams: [NgramCounts; 3],
     words: u64,
+    /// Words of the language beyond these (e.g. the whole train split when the reference is a run's
+    /// share of it): a corpus word is a non-word if it is neither a reference word nor one of these.
+    known: std::collections::HashSet<String>,
 }
 
 impl Reference {
@@ -177,7 +184,20 @@ impl Reference {
             vocab,
             unigram_counts,
             words: ids.len() as u64,
+            known: Default::default(),
         }
+    }
+
+    /// The same reference, with `words` (e.g. every word of the whole train split) also counted as
+    /// real words by `nonword_rate`.
+    pub fn knowing<S: AsRef<str>>(mut self, words: &[S]) -> Self {
+        self.known.extend(words.iter().map(|w| w.as_ref()).filter(|w| !self.vocab.contains_key(*w)).map(String::from));
+        self
+    }
+
+    /// Whether `word` is a word of the reference or of the known words.
+    pub fn is_word(&self, word: &str) -> bool {
+        self.vocab.contains_key(word) || self.known.contains(word)
     }
 
     /// Number of reference words (tokens).
@@ -255,7 +275,12 @@ pub fn corpus_metrics<S: AsRef<str>>(
         unigram_js: jensen_shannon_bits(&reference.unigram_counts, &counts),
         zipf_alpha: zipf_alpha(&frequencies),
         unigram_entropy: entropy_bits(&counts),
+        nonword_rate: ratio(corpus_words[..n].iter().filter(|w| !reference.is_word(w.as_ref())).count() as u64, n as u64),
     }
+}
+
+fn nan() -> f64 {
+    f64::NAN
 }
 
 /// The distinct n-grams of one order, sorted by key, with how often each occurs.
@@ -496,6 +521,17 @@ mod tests {
     ///
     /// Reference counts: unigrams a3 b2 c1 d1; bigrams ab2 ba1 ac1 ca1 bd1;
     /// trigrams aba bac aca cab abd, each 1.
+    #[test]
+    fn nonword_rate_counts_words_outside_the_reference_and_known_words() {
+        let reference = Reference::new(&words("a b c")).knowing(&words("d e"));
+        // "a x d y" over the first 4 words: x and y are non-words (d is known).
+        let opts = MetricOptions { ttr_n: 4, ..MetricOptions::default() };
+        close(corpus_metrics(&reference, &words("a x d y z"), &opts).nonword_rate, 0.5);
+        let real = corpus_metrics(&reference, &words("a b c"), &MetricOptions::default());
+        close(real.nonword_rate, 0.0);
+        assert!(corpus_metrics::<&str>(&reference, &[], &opts).nonword_rate.is_nan());
+    }
+
     fn golden() -> CorpusMetrics {
         let reference = Reference::new(&words("a b a c a b d"));
         let opts = MetricOptions { ttr_n: 5, mattr_window: 3, rare_k: 1, common_min: 2 };

@@ -136,6 +136,8 @@ registry! {
         "Zipf exponent: minus the slope of log frequency on log rank, ranks 10-10,000";
     UnigramEntropy: "unigram_entropy", None, Float, Higher, "bits", report false, plot None, compare Some(false),
         "Shannon entropy of the word unigram distribution";
+    NonwordRate: "nonword_rate", Some("nonword"), Float, Lower, "", report true, plot Some(Plot::Tails), compare Some(false),
+        "share of the first N words that are no word of the real train split (invented words)";
     Gen0SeqPplP5: "gen0_seq_ppl_p5", None, Float, Neither, "", report false, plot None, compare Some(true),
         "5th percentile of each sequence's perplexity under generation 0";
     Gen0SeqPplP25: "gen0_seq_ppl_p25", None, Float, Neither, "", report false, plot None, compare None,
@@ -179,11 +181,23 @@ impl Metric {
     }
 }
 
-/// Which row: the real data, or a generation.
+/// Which row: the real data, the pretrained base (zero-shot), or a generation.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord)]
 pub enum RowId {
     Real,
+    Base,
     Generation(usize),
+}
+
+impl RowId {
+    /// How the row is labelled: "real", "base" or the generation.
+    pub fn label(self) -> String {
+        match self {
+            RowId::Real => "real".into(),
+            RowId::Base => "base".into(),
+            RowId::Generation(g) => g.to_string(),
+        }
+    }
 }
 
 /// A metric's value.
@@ -252,7 +266,7 @@ impl Row {
     pub fn generation(&self) -> Option<usize> {
         match self.id {
             RowId::Generation(g) => Some(g),
-            RowId::Real => None,
+            RowId::Real | RowId::Base => None,
         }
     }
 
@@ -262,8 +276,8 @@ impl Row {
         m.insert(
             "generation".into(),
             match self.id {
-                RowId::Real => Json::String("real".into()),
                 RowId::Generation(g) => Json::from(g),
+                other => Json::String(other.label()),
             },
         );
         for (metric, v) in &self.values {
@@ -284,6 +298,7 @@ impl Row {
         let obj = j.as_object().ok_or("a row is not a JSON object")?;
         let id = match obj.get("generation") {
             Some(Json::String(s)) if s == "real" => RowId::Real,
+            Some(Json::String(s)) if s == "base" => RowId::Base,
             Some(g) => RowId::Generation(
                 g.as_u64().ok_or(format!("generation {g} is not \"real\" or a number"))? as usize,
             ),
@@ -337,10 +352,7 @@ pub fn csv(rows: &[Row]) -> String {
     }
     out.push('\n');
     for r in rows {
-        out.push_str(&match r.id {
-            RowId::Real => "real".to_string(),
-            RowId::Generation(g) => g.to_string(),
-        });
+        out.push_str(&r.id.label());
         for m in &cols {
             out.push(',');
             match r.values.get(m) {

@@ -5,7 +5,9 @@
 
 use super::candle::{self as reference, AdamW, Dropout, Gpt, KvCache};
 use super::fast;
+use super::ops::Compute;
 use super::{ModelConfig, Weights};
+use crate::kernels::{Kernels, Precision};
 use crate::config::TrainConfig;
 use anyhow::{bail, Result};
 use candle_core::{Device, Tensor};
@@ -15,8 +17,9 @@ use rand_chacha::ChaCha8Rng;
 /// The engine that runs every model of a command.
 #[derive(Debug, Clone)]
 pub enum Engine {
-    /// The hand-written CPU kernels.
-    Fast,
+    /// The hand-written CPU engine, its products on these kernels and in this precision (training;
+    /// measurements are f32).
+    Fast(Compute),
     /// candle's ops on a device (CUDA, or the CPU reference path).
     Candle(Device),
 }
@@ -26,7 +29,7 @@ impl Engine {
     /// candle elsewhere.
     pub fn new(device: Device) -> Self {
         if device.is_cpu() && std::env::var_os("COLLAPSE_LAB_REFERENCE").is_none() {
-            Engine::Fast
+            Engine::Fast(Compute::fp32())
         } else {
             Engine::Candle(device)
         }
@@ -37,9 +40,51 @@ impl Engine {
         Self::new(Device::Cpu)
     }
 
+    /// The same engine on `kernels` (e.g. as `COLLAPSE_LAB_KERNELS` chose them) with training's
+    /// products in `precision`; bf16 needs the fast engine on a CPU with a bf16 kernel.
+    pub fn with(self, kernels: Kernels, precision: Precision) -> Result<Self> {
+        match self {
+            Engine::Fast(_) => {
+                if precision == Precision::Bf16 && kernels.bf16().is_none() {
+                    return crate::config::usage(format!(
+                        "train.precision = bf16 needs a CPU with AVX512-BF16 or AMX-BF16; this one has {} \
+                         (use fp32)",
+                        kernels.describe()
+                    ));
+                }
+                Ok(Engine::Fast(Compute { kernels, precision }))
+            }
+            Engine::Candle(_) if precision == Precision::Bf16 => {
+                crate::config::usage("train.precision = bf16 runs on the fast CPU engine only (use fp32 with --device cuda)")
+            }
+            candle => Ok(candle),
+        }
+    }
+
+    /// The same engine with training's products in `precision` (a run's `train.precision`).
+    pub fn with_precision(self, precision: crate::config::Precision) -> Result<Self> {
+        let kernels = match &self {
+            Engine::Fast(c) => c.kernels,
+            Engine::Candle(_) => Kernels::detect(),
+        };
+        let p = match precision {
+            crate::config::Precision::Fp32 => Precision::F32,
+            crate::config::Precision::Bf16 => Precision::Bf16,
+        };
+        self.with(kernels, p)
+    }
+
+    /// The kernels and precision of the fast engine (what `bench` prints).
+    pub fn describe(&self) -> String {
+        match self {
+            Engine::Fast(c) => format!("fast engine, {}, training in {:?}", c.kernels.describe(), c.precision),
+            Engine::Candle(d) => format!("candle on {d:?}"),
+        }
+    }
+
     pub fn device(&self) -> Device {
         match self {
-            Engine::Fast => Device::Cpu,
+            Engine::Fast(_) => Device::Cpu,
             Engine::Candle(d) => d.clone(),
         }
     }
@@ -49,10 +94,20 @@ impl Engine {
         !self.device().is_cpu()
     }
 
+    /// The engine and its arithmetic, as recorded with what it trains (a base's cache key).
+    pub fn precision_name(&self) -> &'static str {
+        match self {
+            Engine::Fast(c) if c.precision == Precision::Bf16 => "fast-bf16",
+            Engine::Fast(_) => "fast-fp32",
+            Engine::Candle(d) if d.is_cpu() => "candle-cpu-fp32",
+            Engine::Candle(_) => "candle-cuda-fp32",
+        }
+    }
+
     /// "fast" or "candle" (what `bench` prints).
     pub fn name(&self) -> &'static str {
         match self {
-            Engine::Fast => "fast",
+            Engine::Fast(_) => "fast",
             Engine::Candle(_) => "candle",
         }
     }
@@ -60,7 +115,7 @@ impl Engine {
     /// A model holding `weights`, ready for scoring and sampling.
     pub fn load(&self, cfg: &ModelConfig, weights: &Weights) -> Result<Model> {
         Ok(match self {
-            Engine::Fast => Model::Fast(fast::Model::new(cfg, weights)),
+            Engine::Fast(c) => Model::Fast(fast::Model::new(c.f32(), cfg, weights)),
             Engine::Candle(dev) => Model::Candle(Gpt::new(cfg, weights, dev)?),
         })
     }
@@ -74,8 +129,10 @@ impl Engine {
         tc: &TrainConfig,
         seed: u64,
     ) -> Result<Trainer> {
-        if matches!(self, Engine::Fast) && cfg.dropout == 0.0 {
-            return Ok(Trainer::Fast(Box::new(fast::Trainer::new(cfg, weights))));
+        if let Engine::Fast(c) = self {
+            if cfg.dropout == 0.0 {
+                return Ok(Trainer::Fast(Box::new(fast::Trainer::new(*c, cfg, weights))));
+            }
         }
         let dev = self.device();
         let (model, vars) = Gpt::trainable(cfg, weights, &dev)?;

@@ -1,7 +1,8 @@
 //! The fast CPU engine: the GPT of [`super::describe`] with its forward and backward written out by
 //! hand in the spirit of llm.c's `train_gpt2.c`. Parameters, gradients and AdamW moments live in
 //! flat `Vec<f32>` buffers laid out by the description (one slice per parameter, views by name),
-//! activations in buffers allocated once per batch shape; the kernels are in [`super::kernels`].
+//! activations in buffers allocated once per batch shape; the ops are in [`super::ops`], the
+//! matrix products in [`crate::kernels`].
 //!
 //! The block is written once ([`block_qkv`] + [`block_rest`]) and serves three passes: training and
 //! scoring run whole sequences from position 0 and keep every activation ([`forward_sequences`],
@@ -11,10 +12,11 @@
 //!
 //! Shapes: B batch (rows), T time, C channels, H heads, hs = C / H, V vocabulary, BT = B·T rows.
 
-use super::kernels::{
+use super::ops::{
     add, attention, attention_backward, gelu_backward, gelu_forward, last_rows, layernorm_backward,
-    layernorm_forward, linear, matmul_backward, matmul_forward, max, sum, KvLayout, Panels,
+    layernorm_forward, linear, matmul_backward, matmul_forward, max, sum, Compute, KvLayout,
 };
+use crate::kernels::PackedWeights;
 use super::{describe, flat_layout, split, split_mut, Block, ModelConfig, Params, Weights};
 use rayon::prelude::*;
 use std::ops::Range;
@@ -69,19 +71,20 @@ impl LayerActs {
 
 /// The weight matrices of one block packed for decoding's few-row products.
 struct PackedBlock {
-    qkv: Panels,
-    proj: Panels,
-    fc: Panels,
-    fcp: Panels,
+    qkv: PackedWeights,
+    proj: PackedWeights,
+    fc: PackedWeights,
+    fcp: PackedWeights,
 }
 
 impl PackedBlock {
-    fn new(p: &Block<&[f32]>, c: usize) -> Self {
+    fn new(cp: Compute, p: &Block<&[f32]>, c: usize) -> Self {
+        let pack = |w: &[f32], out, inp| PackedWeights::new(cp.kernels, w, out, inp, cp.precision);
         Self {
-            qkv: Panels::new(p.attn.c_attn.weight, 3 * c, c),
-            proj: Panels::new(p.attn.c_proj.weight, c, c),
-            fc: Panels::new(p.mlp.c_fc.weight, 4 * c, c),
-            fcp: Panels::new(p.mlp.c_proj.weight, c, 4 * c),
+            qkv: pack(p.attn.c_attn.weight, 3 * c, c),
+            proj: pack(p.attn.c_proj.weight, c, c),
+            fc: pack(p.mlp.c_fc.weight, 4 * c, c),
+            fcp: pack(p.mlp.c_proj.weight, c, 4 * c),
         }
     }
 }
@@ -100,6 +103,7 @@ fn embed(x: &mut [f32], w: &Params<&[f32]>, tokens: &[u32], t: usize, pos0: usiz
 
 /// The first half of a block on n rows: ln_1(input) → q|k|v.
 fn block_qkv(
+    cp: Compute,
     p: &Block<&[f32]>,
     pk: Option<&PackedBlock>,
     a: &mut QkvActs,
@@ -108,7 +112,7 @@ fn block_qkv(
     c: usize,
 ) {
     layernorm_forward(&mut a.ln1, &mut a.ln1_mean, &mut a.ln1_rstd, input, p.ln_1.weight, p.ln_1.bias, c);
-    linear(&mut a.qkv, &a.ln1, p.attn.c_attn.weight, pk.map(|k| &k.qkv), Some(p.attn.c_attn.bias), n);
+    linear(cp, &mut a.qkv, &a.ln1, p.attn.c_attn.weight, pk.map(|k| &k.qkv), Some(p.attn.c_attn.bias), n);
 }
 
 /// The second half of a block for `rows` sequences of `t` queries at positions pos0..: attention
@@ -119,6 +123,7 @@ fn block_qkv(
 /// `kv` must be valid for [`attention`] with these shapes.
 #[allow(clippy::too_many_arguments)]
 unsafe fn block_rest(
+    cp: Compute,
     p: &Block<&[f32]>,
     pk: Option<&PackedBlock>,
     a: &mut RestActs,
@@ -133,13 +138,13 @@ unsafe fn block_rest(
     let n = rows * t;
     let probs = if keep_probs { Some(&mut a.att[..]) } else { None };
     // SAFETY: forwarded from the caller.
-    unsafe { attention(&mut a.atty, probs, qkv, kv, rows, t, pos0, c, h) };
-    linear(tmp, &a.atty, p.attn.c_proj.weight, pk.map(|k| &k.proj), Some(p.attn.c_proj.bias), n);
+    unsafe { attention(cp.kernels, &mut a.atty, probs, qkv, kv, rows, t, pos0, c, h) };
+    linear(cp, tmp, &a.atty, p.attn.c_proj.weight, pk.map(|k| &k.proj), Some(p.attn.c_proj.bias), n);
     add(&mut a.res2, input, tmp);
     layernorm_forward(&mut a.ln2, &mut a.ln2_mean, &mut a.ln2_rstd, &a.res2, p.ln_2.weight, p.ln_2.bias, c);
-    linear(&mut a.fch, &a.ln2, p.mlp.c_fc.weight, pk.map(|k| &k.fc), Some(p.mlp.c_fc.bias), n);
+    linear(cp, &mut a.fch, &a.ln2, p.mlp.c_fc.weight, pk.map(|k| &k.fc), Some(p.mlp.c_fc.bias), n);
     gelu_forward(&mut a.fch_gelu, &a.fch);
-    linear(tmp, &a.fch_gelu, p.mlp.c_proj.weight, pk.map(|k| &k.fcp), Some(p.mlp.c_proj.bias), n);
+    linear(cp, tmp, &a.fch_gelu, p.mlp.c_proj.weight, pk.map(|k| &k.fcp), Some(p.mlp.c_proj.bias), n);
     add(&mut a.res3, &a.res2, tmp);
 }
 
@@ -152,7 +157,8 @@ struct Acts {
     lnf: Vec<f32>,      // (BT, C)
     lnf_mean: Vec<f32>, // (BT)
     lnf_rstd: Vec<f32>, // (BT)
-    logits: Vec<f32>,   // (BT, V); after the loss, d loss / d logits
+    head_chunk: usize,  // rows of the head computed at once
+    logits: Vec<f32>,   // (chunk, V); after the loss, d loss / d logits
     losses: Vec<f32>,   // (BT)
     tmp_c: Vec<f32>,    // (BT, C)
     // Gradient scratch.
@@ -175,7 +181,8 @@ impl Acts {
             lnf: z(bt * c),
             lnf_mean: z(bt),
             lnf_rstd: z(bt),
-            logits: z(bt * cfg.vocab_size),
+            head_chunk: head_chunk(cfg.vocab_size, bt),
+            logits: z(head_chunk(cfg.vocab_size, bt) * cfg.vocab_size),
             losses: z(bt),
             tmp_c: z(bt * c),
             d_res: z(bt * c),
@@ -199,11 +206,13 @@ impl Acts {
 /// `a`, the NLL of each target in `a.losses`, and d(mean loss)/d(logits) in `a.logits`; returns
 /// the mean loss.
 fn forward_sequences(
+    cp: Compute,
     cfg: &ModelConfig,
     w: &Params<&[f32]>,
     a: &mut Acts,
     inputs: &[u32],
     targets: &[u32],
+    mut head_grad: Option<&mut [f32]>,
 ) -> f32 {
     let (b, t, c, v, h) = (a.b, a.t, cfg.d_model, cfg.vocab_size, cfg.n_head);
     let bt = b * t;
@@ -212,7 +221,7 @@ fn forward_sequences(
         let (done, rest) = a.layers.split_at_mut(l);
         let la = &mut rest[0];
         let input: &[f32] = if l == 0 { &a.x0 } else { &done[l - 1].r.res3 };
-        block_qkv(&w.h[l], None, &mut la.q, input, bt, c);
+        block_qkv(cp, &w.h[l], None, &mut la.q, input, bt, c);
         // Keys and values straight from qkv: position j of head hi of sequence r at row r·T + j.
         let qkv = &la.q.qkv;
         let kv = KvLayout {
@@ -224,38 +233,57 @@ fn forward_sequences(
         };
         // SAFETY: kv describes the k and v columns of qkv, (B·T, 3C), which outlives the call.
         unsafe {
-            block_rest(&w.h[l], None, &mut la.r, &mut a.tmp_c, input, qkv, kv, true, (b, t, 0), (c, h))
+            block_rest(cp, &w.h[l], None, &mut la.r, &mut a.tmp_c, input, qkv, kv, true, (b, t, 0), (c, h))
         };
     }
     let last = &a.layers[cfg.n_layer - 1].r.res3;
     layernorm_forward(&mut a.lnf, &mut a.lnf_mean, &mut a.lnf_rstd, last, w.ln_f.weight, w.ln_f.bias, c);
-    matmul_forward(&mut a.logits, &a.lnf, w.wte, None, bt, c, v);
-    // Fused softmax + cross-entropy; the logits buffer becomes d(mean loss)/d(logits).
+    // The head and the loss, a chunk of rows at a time so that their logits (rows × V) stay in
+    // cache instead of a (B·T × V) buffer going through memory several times; when training, the
+    // head's backward runs on the chunk too: d lnf = dlogits · wte, d wte += dlogitsᵀ · lnf.
     let inv_n = 1.0 / bt as f32;
-    a.logits.par_chunks_mut(v).zip(a.losses.par_iter_mut()).enumerate().for_each(|(row, (x, loss))| {
-        let m = max(x);
-        let target = targets[row] as usize;
-        let logit = x[target];
-        for y in x.iter_mut() {
-            *y = super::kernels::fast_exp(*y - m);
+    let chunk = a.head_chunk;
+    for r0 in (0..bt).step_by(chunk) {
+        let rows = chunk.min(bt - r0);
+        let logits = &mut a.logits[..rows * v];
+        let lnf = &a.lnf[r0 * c..(r0 + rows) * c];
+        matmul_forward(cp, logits, lnf, w.wte, None, rows, c, v);
+        let (tgt, losses) = (&targets[r0..r0 + rows], &mut a.losses[r0..r0 + rows]);
+        // Fused softmax + cross-entropy; the logits become d(mean loss)/d(logits).
+        logits.par_chunks_mut(v).zip(losses.par_iter_mut()).zip(tgt.par_iter()).for_each(|((x, loss), &target)| {
+            let m = max(x);
+            let target = target as usize;
+            let logit = x[target];
+            for y in x.iter_mut() {
+                *y = super::ops::fast_exp(*y - m);
+            }
+            let total = sum(x);
+            let inv = 1.0 / total;
+            *loss = m + total.ln() - logit; // −log softmax, finite even when the target's probability underflows
+            for y in x.iter_mut() {
+                *y *= inv * inv_n;
+            }
+            x[target] -= inv_n;
+        });
+        if let Some(gw) = head_grad.as_deref_mut() {
+            let d_lnf = &mut a.d_c[r0 * c..(r0 + rows) * c];
+            matmul_backward(cp, d_lnf, gw, None, logits, lnf, w.wte, rows, c, v);
         }
-        let total = sum(x);
-        let inv = 1.0 / total;
-        *loss = m + total.ln() - logit; // −log softmax, finite even when the target's probability underflows
-        for y in x.iter_mut() {
-            *y *= inv * inv_n;
-        }
-        x[target] -= inv_n;
-    });
+    }
     a.losses.iter().map(|&x| x as f64).sum::<f64>() as f32 * inv_n
 }
 
+/// Rows of the head computed at once: as many as keep their logits within about 32 MB (so, in
+/// cache), at least 64; it depends only on the vocabulary, so results do not depend on threads.
+fn head_chunk(vocab: usize, rows: usize) -> usize {
+    ((32 << 20) / (4 * vocab.max(1))).max(64).min(rows.max(1))
+}
+
 /// Backward of [`forward_sequences`]: accumulates every gradient into `g` (zeroed by the caller).
-fn backward(cfg: &ModelConfig, w: &Params<&[f32]>, g: &mut Params<&mut [f32]>, a: &mut Acts, inputs: &[u32]) {
-    let (b, t, c, v, h) = (a.b, a.t, cfg.d_model, cfg.vocab_size, cfg.n_head);
+fn backward(cp: Compute, cfg: &ModelConfig, w: &Params<&[f32]>, g: &mut Params<&mut [f32]>, a: &mut Acts, inputs: &[u32]) {
+    let (b, t, c, h) = (a.b, a.t, cfg.d_model, cfg.n_head);
     let bt = b * t;
-    // LM head (tied): d lnf = dlogits · wte; d wte += dlogits^T · lnf.
-    matmul_backward(&mut a.d_c, g.wte, None, &a.logits, &a.lnf, w.wte, bt, c, v);
+    // The LM head (tied) was differentiated with the loss: a.d_c holds d lnf, g.wte its part.
     a.d_res.fill(0.0);
     let last = &a.layers[cfg.n_layer - 1].r.res3;
     let (lf, glf) = (&w.ln_f, &mut g.ln_f);
@@ -279,6 +307,7 @@ fn backward(cfg: &ModelConfig, w: &Params<&[f32]>, g: &mut Params<&mut [f32]>, a
         let (fc, gfc) = (&p.mlp.c_fc, &mut gp.mlp.c_fc);
         let (fcp, gfcp) = (&p.mlp.c_proj, &mut gp.mlp.c_proj);
         matmul_backward(
+            cp,
             &mut a.d_4c,
             gfcp.weight,
             Some(gfcp.bias),
@@ -290,13 +319,14 @@ fn backward(cfg: &ModelConfig, w: &Params<&[f32]>, g: &mut Params<&mut [f32]>, a
             c,
         );
         gelu_backward(&mut a.d_4c, &lr.fch);
-        matmul_backward(&mut a.d_c, gfc.weight, Some(gfc.bias), &a.d_4c, &lr.ln2, fc.weight, bt, c, 4 * c);
+        matmul_backward(cp, &mut a.d_c, gfc.weight, Some(gfc.bias), &a.d_4c, &lr.ln2, fc.weight, bt, c, 4 * c);
         let (ln2, gln2) = (&p.ln_2, &mut gp.ln_2);
         let (m2, r2) = (&lr.ln2_mean, &lr.ln2_rstd);
         layernorm_backward(&mut a.d_res, gln2.weight, gln2.bias, &a.d_c, &lr.res2, ln2.weight, m2, r2, c);
         // res2 = input + c_proj(attention(c_attn(ln_1(input)))): d_res is now d res2.
         let (proj, gproj) = (&p.attn.c_proj, &mut gp.attn.c_proj);
         matmul_backward(
+            cp,
             &mut a.d_c,
             gproj.weight,
             Some(gproj.bias),
@@ -307,9 +337,9 @@ fn backward(cfg: &ModelConfig, w: &Params<&[f32]>, g: &mut Params<&mut [f32]>, a
             c,
             c,
         );
-        attention_backward(&mut a.d_3c, &mut a.d_att, &a.d_c, &lq.qkv, &lr.att, b, t, c, h);
+        attention_backward(cp.kernels, &mut a.d_3c, &mut a.d_att, &a.d_c, &lq.qkv, &lr.att, b, t, c, h);
         let (qkv, gqkv) = (&p.attn.c_attn, &mut gp.attn.c_attn);
-        matmul_backward(&mut a.d_c, gqkv.weight, Some(gqkv.bias), &a.d_3c, &lq.ln1, qkv.weight, bt, c, 3 * c);
+        matmul_backward(cp, &mut a.d_c, gqkv.weight, Some(gqkv.bias), &a.d_3c, &lq.ln1, qkv.weight, bt, c, 3 * c);
         let (ln1, gln1) = (&p.ln_1, &mut gp.ln_1);
         let (m1, r1) = (&lq.ln1_mean, &lq.ln1_rstd);
         layernorm_backward(&mut a.d_res, gln1.weight, gln1.bias, &a.d_c, input, ln1.weight, m1, r1, c);
@@ -357,6 +387,7 @@ impl Flat {
 /// The fast trainer: parameters, gradients, AdamW state and activation buffers.
 pub struct Trainer {
     pub cfg: ModelConfig,
+    cp: Compute,
     w: Flat,
     g: Vec<f32>,
     m: Vec<f32>,
@@ -368,7 +399,8 @@ pub struct Trainer {
 }
 
 impl Trainer {
-    pub fn new(cfg: &ModelConfig, weights: &Weights) -> Self {
+    /// A trainer whose products run on `cp` (f32 or bf16 inputs).
+    pub fn new(cp: Compute, cfg: &ModelConfig, weights: &Weights) -> Self {
         let w = Flat::new(cfg, weights);
         let specs = describe(cfg);
         let params =
@@ -376,6 +408,7 @@ impl Trainer {
         let zeros = w.zeros_like();
         Self {
             cfg: cfg.clone(),
+            cp,
             g: zeros.clone(),
             m: zeros.clone(),
             v: zeros,
@@ -408,10 +441,10 @@ impl Trainer {
         assert!(t <= self.cfg.ctx && inputs.len() == b * t && targets.len() == b * t);
         let acts = Acts::ensure(&mut self.acts, &self.cfg, b, t);
         let w = self.w.view();
-        let loss = forward_sequences(&self.cfg, &w, acts, inputs, targets);
         self.g.fill(0.0);
         let mut g = split_mut(&self.w.layout, &mut self.g);
-        backward(&self.cfg, &w, &mut g, acts, inputs);
+        let loss = forward_sequences(self.cp, &self.cfg, &w, acts, inputs, targets, Some(&mut *g.wte));
+        backward(self.cp, &self.cfg, &w, &mut g, acts, inputs);
         loss
     }
 
@@ -452,9 +485,9 @@ impl Trainer {
         }
     }
 
-    /// A scorer on the current weights (validation during training).
+    /// A scorer on the current weights (validation during training), in f32 like every measurement.
     pub fn scorer(&self) -> Scorer<'_> {
-        Scorer { cfg: &self.cfg, w: self.w.view(), acts: None }
+        Scorer { cp: self.cp.f32(), cfg: &self.cfg, w: self.w.view(), acts: None }
     }
 }
 
@@ -462,12 +495,14 @@ impl Trainer {
 #[derive(Clone)]
 pub struct Model {
     pub cfg: ModelConfig,
+    cp: Compute,
     w: Flat,
 }
 
 impl Model {
-    pub fn new(cfg: &ModelConfig, weights: &Weights) -> Self {
-        Self { cfg: cfg.clone(), w: Flat::new(cfg, weights) }
+    /// A model whose decoder multiplies on `cp` (scoring is always f32).
+    pub fn new(cp: Compute, cfg: &ModelConfig, weights: &Weights) -> Self {
+        Self { cfg: cfg.clone(), cp, w: Flat::new(cfg, weights) }
     }
 
     pub fn weights(&self) -> Weights {
@@ -475,17 +510,18 @@ impl Model {
     }
 
     pub fn scorer(&self) -> Scorer<'_> {
-        Scorer { cfg: &self.cfg, w: self.w.view(), acts: None }
+        Scorer { cp: self.cp.f32(), cfg: &self.cfg, w: self.w.view(), acts: None }
     }
 
     /// A KV-cache decoder for `rows` sequences advancing together.
     pub fn decoder(&self, rows: usize) -> Decoder<'_> {
-        Decoder::new(&self.cfg, self.w.view(), rows)
+        Decoder::new(self.cp, &self.cfg, self.w.view(), rows)
     }
 }
 
 /// Forward-only scoring: the NLL of every target token of a batch.
 pub struct Scorer<'a> {
+    cp: Compute,
     cfg: &'a ModelConfig,
     w: Params<&'a [f32]>,
     acts: Option<Acts>,
@@ -496,7 +532,7 @@ impl Scorer<'_> {
     pub fn nlls(&mut self, inputs: &[u32], targets: &[u32], b: usize, t: usize) -> Vec<f32> {
         assert!(t <= self.cfg.ctx && inputs.len() == b * t && targets.len() == b * t);
         let acts = Acts::ensure(&mut self.acts, self.cfg, b, t);
-        forward_sequences(self.cfg, &self.w, acts, inputs, targets);
+        forward_sequences(self.cp, self.cfg, &self.w, acts, inputs, targets, None);
         acts.losses.clone()
     }
 }
@@ -507,7 +543,8 @@ pub struct Decoder<'a> {
     cfg: &'a ModelConfig,
     w: Params<&'a [f32]>,
     packed: Vec<PackedBlock>, // the blocks' weights in panels, for the few-row products of decoding
-    head: Panels,             // wte in panels: the LM head
+    head: PackedWeights,      // wte packed: the LM head
+    cp: Compute,
     rows: usize,
     pos: usize,
     k: Vec<Vec<f32>>, // per layer (rows, H, ctx, hs): each head's keys contiguous
@@ -515,11 +552,12 @@ pub struct Decoder<'a> {
 }
 
 impl<'a> Decoder<'a> {
-    fn new(cfg: &'a ModelConfig, w: Params<&'a [f32]>, rows: usize) -> Self {
+    fn new(cp: Compute, cfg: &'a ModelConfig, w: Params<&'a [f32]>, rows: usize) -> Self {
         let (c, n) = (cfg.d_model, rows * cfg.ctx * cfg.d_model);
         Self {
-            packed: w.h.iter().map(|p| PackedBlock::new(p, c)).collect(),
-            head: Panels::new(w.wte, cfg.vocab_size, c),
+            packed: w.h.iter().map(|p| PackedBlock::new(cp, p, c)).collect(),
+            head: PackedWeights::new(cp.kernels, w.wte, cfg.vocab_size, c, cp.precision),
+            cp,
             cfg,
             w,
             rows,
@@ -553,7 +591,7 @@ impl<'a> Decoder<'a> {
 
     /// tokens: (rows, t) at positions len()..len()+t → logits of the last position, (rows, V).
     pub fn forward(&mut self, tokens: &[u32], t: usize) -> Vec<f32> {
-        let (cfg, c, h) = (self.cfg, self.cfg.d_model, self.cfg.n_head);
+        let (cfg, c, h, cp) = (self.cfg, self.cfg.d_model, self.cfg.n_head, self.cp);
         let (rows, pos0, hs) = (self.rows, self.pos, c / h);
         assert!(tokens.len() == rows * t && pos0 + t <= cfg.ctx, "decoder input does not fit");
         let n = rows * t;
@@ -570,7 +608,7 @@ impl<'a> Decoder<'a> {
         };
         for l in 0..cfg.n_layer {
             let (p, pk) = (&self.w.h[l], Some(&self.packed[l]));
-            block_qkv(p, pk, &mut la.q, &x, n, c);
+            block_qkv(cp, p, pk, &mut la.q, &x, n, c);
             // Append this step's keys and values to the cache: row r, head hi, position pos0 + i.
             let (kc, vc) = (&mut self.k[l], &mut self.v[l]);
             for (i, q) in la.q.qkv.chunks(3 * c).enumerate() {
@@ -589,7 +627,7 @@ impl<'a> Decoder<'a> {
                 tmp.truncate(rows * c);
                 // SAFETY: kv points into this layer's cache, valid for rows × H × (pos0 + t).
                 unsafe {
-                    block_rest(
+                    block_rest(cp, 
                         p,
                         pk,
                         &mut last.r,
@@ -606,7 +644,7 @@ impl<'a> Decoder<'a> {
             } else {
                 // SAFETY: as above.
                 unsafe {
-                    block_rest(p, pk, &mut la.r, &mut tmp, &x, &la.q.qkv, kv, false, (rows, t, pos0), (c, h))
+                    block_rest(cp, p, pk, &mut la.r, &mut tmp, &x, &la.q.qkv, kv, false, (rows, t, pos0), (c, h))
                 };
                 std::mem::swap(&mut x, &mut la.r.res3);
             }
@@ -617,7 +655,7 @@ impl<'a> Decoder<'a> {
         let (mut lnl, mut m1, mut r1) = (vec![0f32; rows * c], vec![0f32; rows], vec![0f32; rows]);
         layernorm_forward(&mut lnl, &mut m1, &mut r1, &x, self.w.ln_f.weight, self.w.ln_f.bias, c);
         let mut logits = vec![0f32; rows * cfg.vocab_size];
-        linear(&mut logits, &lnl, self.w.wte, Some(&self.head), None, rows);
+        linear(self.cp, &mut logits, &lnl, self.w.wte, Some(&self.head), None, rows);
         logits
     }
 }
@@ -648,7 +686,7 @@ mod tests {
         let yt = Tensor::from_vec(y.clone(), (b, t), &dev).unwrap();
         let reference = loss(&model.forward(&xt, None).unwrap(), &yt).unwrap();
         let grads = reference.backward().unwrap();
-        let mut fast = Trainer::new(&cfg, &w0);
+        let mut fast = Trainer::new(Compute::fp32(), &cfg, &w0);
         let fast_loss = fast.forward_backward(&x, &y, b, t);
         let ref_loss = reference.to_scalar::<f32>().unwrap();
         assert!((fast_loss - ref_loss).abs() < 1e-5, "loss {fast_loss} vs {ref_loss}");
@@ -672,9 +710,9 @@ mod tests {
         let cfg = ModelConfig { n_layer: 1, ..cfg() };
         let w = init_weights(&cfg, 9);
         let gpt = Gpt::new(&cfg, &w, &Device::Cpu).unwrap();
-        let model = Model::new(&cfg, &w);
+        let model = Model::new(Compute::fp32(), &cfg, &w);
         let rows = 30;
-        let panel_max = crate::model::kernels::PANEL_MAX_ROWS;
+        let panel_max = crate::model::ops::PACKED_MAX_ROWS;
         assert!(rows * 10 > panel_max && rows <= panel_max, "the prefill must take the gemm path");
         let seqs: Vec<u32> = (0..rows * 11).map(|i| ((i * 13 + i / 11) % 37) as u32).collect();
         let x = Tensor::from_vec(seqs.clone(), (rows, 11), &Device::Cpu).unwrap();
@@ -698,7 +736,7 @@ mod tests {
         let cfg = cfg();
         let w = init_weights(&cfg, 4);
         let gpt = Gpt::new(&cfg, &w, &Device::Cpu).unwrap();
-        let model = Model::new(&cfg, &w);
+        let model = Model::new(Compute::fp32(), &cfg, &w);
         let seqs: [Vec<u32>; 2] = [vec![3, 1, 4, 1, 5, 9, 2, 6], vec![2, 7, 1, 8, 2, 8, 1, 8]];
         let full: Vec<Vec<Vec<f32>>> = seqs
             .iter()
@@ -731,7 +769,7 @@ mod tests {
         let dev = Device::Cpu;
         let w0 = init_weights(&cfg, 2);
         let (model, vars) = Gpt::trainable(&cfg, &w0, &dev).unwrap();
-        let mut fast = Trainer::new(&cfg, &w0);
+        let mut fast = Trainer::new(Compute::fp32(), &cfg, &w0);
         let tc = crate::config::Config::preset("smoke").unwrap().train;
         let mut opt = AdamW::new(vars, &tc).unwrap();
         let (b, t) = (2, 8);

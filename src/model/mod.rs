@@ -18,7 +18,7 @@
 pub mod candle;
 pub mod engine;
 pub mod fast;
-pub mod kernels;
+pub mod ops;
 pub mod score;
 
 pub use crate::config::ModelConfig;

@@ -13,6 +13,7 @@
 //! [`verify`] (what `resume` trusts). This module is the loop; it reports rows to an [`Observer`]
 //! (the command line prints them as a table).
 
+pub mod base;
 pub mod regime;
 pub mod run_dir;
 pub mod verify;
@@ -53,7 +54,14 @@ pub struct RunOptions {
     pub data: Option<PathBuf>,
     pub quiet: bool,
     pub engine: Engine,
+    /// `--base DIR`: the base model to fine-tune from instead of the cached one.
+    pub base: Option<PathBuf>,
+    /// Where pretrained bases are cached (`checkpoints/bases`).
+    pub base_cache: PathBuf,
 }
+
+/// The default cache of pretrained bases.
+pub const BASE_CACHE: &str = "checkpoints/bases";
 
 /// What a run reports as it goes (the command line prints a table; tests and sweeps may stay quiet).
 pub trait Observer {
@@ -107,8 +115,32 @@ pub fn start_run(cfg: Config, opts: &RunOptions, force: bool, obs: &mut dyn Obse
     }
     let data_path = opts.data.clone().unwrap_or_else(crate::data::default_data_dir);
     let corpus = Corpus::open(&data_path, cfg.data.split_ratio)?;
-    let tok = train_tokenizer(&cfg, &corpus)?;
-    let lab = Lab::new(cfg, &corpus, tok, opts)?;
+    let uses_base = cfg.recursion.init == InitMode::Base;
+    let given = match (&opts.base, uses_base) {
+        (Some(dir), true) => Some(base::load_given(dir, &cfg)?),
+        (Some(_), false) => return crate::config::usage("--base needs --init base (recursion.init = \"base\")"),
+        _ => None,
+    };
+    let tok = match &given {
+        Some((tok, ..)) => Tokenizer::from_json(tok.json())?,
+        None => train_tokenizer(&cfg, &corpus)?,
+    };
+    let mut lab = Lab::new(cfg, &corpus, tok, opts)?;
+    // The base, found, given or pretrained, before the run directory is touched.
+    let base_record = if uses_base {
+        let (dir, weights, sha) = match given {
+            Some((_, _, weights, sha)) => (opts.base.clone().expect("given"), weights, sha),
+            None => {
+                let b = base::for_run(&lab.cfg, &corpus, &lab.tok, &lab.engine, &opts.base_cache, opts.quiet)?;
+                (b.dir, b.weights, b.weights_sha256)
+            }
+        };
+        let dir = dir.canonicalize().unwrap_or(dir);
+        lab.base = Some((weights, sha.clone()));
+        Some(run_dir::BaseRecord { dir, weights_sha256: sha })
+    } else {
+        None
+    };
     // Nothing has been written yet; now the directory, locked.
     let existed = opts.out.exists();
     create_dir(&opts.out)?;
@@ -147,7 +179,8 @@ pub fn start_run(cfg: Config, opts: &RunOptions, force: bool, obs: &mut dyn Obse
         format: RUN_FORMAT,
         crate_version: env!("CARGO_PKG_VERSION").to_string(),
         data: Some(corpus.source.clone()),
-        base: None,
+        base: base_record,
+        base_measured: false,
         tokenizer_sha256: lab.tok.sha256(),
         ttr_n: real_words.min(100_000),
         real_measured: false,
@@ -206,7 +239,22 @@ pub fn continue_run(opts: &RunOptions, generations: Option<usize>, obs: &mut dyn
     if tok.sha256() != state.tokenizer_sha256 {
         bail!("{}: tokenizer.json does not match the sha256 recorded in {RUN_JSON}", opts.out.display());
     }
-    let lab = Lab::new(state.config.clone(), &corpus, tok, opts)?;
+    let mut lab = Lab::new(state.config.clone(), &corpus, tok, opts)?;
+    if let Some(rec) = &state.base {
+        let dir = opts.base.clone().unwrap_or_else(|| rec.dir.clone());
+        let path = dir.join(checkpoint::WEIGHTS);
+        let sha = sha256_file(&path).map_err(|e| anyhow::anyhow!("the run's base {}: {e:#}", dir.display()))?;
+        if sha != rec.weights_sha256 {
+            bail!(
+                "the run's base {} changed: model.safetensors has sha256 {}, the run recorded {} \
+                 (restore it, or pass --base with the original)",
+                dir.display(),
+                &sha[..12],
+                &rec.weights_sha256[..12]
+            );
+        }
+        lab.base = Some((load_weights(&lab.mcfg, &path)?, sha));
+    }
     let rows = verify::verify(&opts.out, &mut state)?;
     if state.is_complete() && !changed {
         obs.complete(&opts.out, state.generations.len());
@@ -234,6 +282,10 @@ struct Lab<'a> {
     valid: EvalSet,
     test: EvalSet,
     reference: Reference,
+    /// The base's weights and their sha256 (`recursion.init = base`).
+    base: Option<(Weights, String)>,
+    /// The engine, training in the run's `train.precision`.
+    engine: Engine,
 }
 
 impl<'a> Lab<'a> {
@@ -242,7 +294,9 @@ impl<'a> Lab<'a> {
         let valid_lines = corpus.head(Split::Valid, cfg.data.eval_lines);
         let test_lines = corpus.head(Split::Test, cfg.data.eval_lines).to_vec();
         let words: Vec<&str> = train_lines.iter().flat_map(|l| l.split_whitespace()).collect();
-        let reference = Reference::new(&words);
+        // Non-words are words of no part of the train split (the run's share of it is `words`).
+        let all_train: Vec<&str> = corpus.lines(Split::Train).iter().flat_map(|l| l.split_whitespace()).collect();
+        let reference = Reference::new(&words).knowing(&all_train);
         let count = |w: &str| reference.word_count(w);
         let valid = EvalSet::new(&tok, valid_lines, count)?;
         let test = EvalSet::new(&tok, &test_lines, count)?;
@@ -265,6 +319,7 @@ impl<'a> Lab<'a> {
             }
         }
         let mcfg = ModelConfig { vocab_size: tok.vocab_size(), ..cfg.model.clone() };
+        let engine = opts.engine.clone().with_precision(cfg.train.precision)?;
         let rows = cfg.sample.batch_size * cfg.sample.beam.max(1);
         check_memory(
             training_bytes(&mcfg, cfg.train.batch_size),
@@ -290,6 +345,8 @@ impl<'a> Lab<'a> {
             valid,
             test,
             reference,
+            base: None,
+            engine,
         })
     }
 
@@ -331,6 +388,14 @@ impl<'a> Lab<'a> {
                 state.real_measured = true;
                 save_state(out, state)?;
                 obs.row(&rows[0]);
+            }
+            if state.base.is_some() && !state.base_measured {
+                let at = usize::from(rows.first().is_some_and(|r| r.id == RowId::Real));
+                rows.insert(at, self.measure_base(gen0, state)?);
+                state.metrics_sha256 = Some(write_rows(out, &rows)?);
+                state.base_measured = true;
+                save_state(out, state)?;
+                obs.row(&rows[at]);
             }
             let records = if state.generations[g].status < Status::Sampled {
                 let started = Instant::now();
@@ -399,7 +464,18 @@ impl<'a> Lab<'a> {
                 let path = gen_dir(&self.opts.out, g - 1).join(checkpoint::WEIGHTS);
                 (load_weights(&self.mcfg, &path)?, Some(sha256_file(&path)?), cfg.train.clone())
             }
-            InitMode::Base => bail!("recursion.init = base is not available yet"),
+            InitMode::Base => {
+                let (weights, sha) = self.base.as_ref().expect("a run with init base has its base loaded");
+                let ft = &cfg.finetune;
+                let tc = TrainConfig {
+                    epochs: ft.epochs,
+                    lr: ft.lr,
+                    min_lr: ft.min_lr,
+                    warmup_steps: ft.warmup_steps,
+                    ..cfg.train.clone()
+                };
+                (weights.clone(), Some(sha.clone()), tc)
+            }
             _ => (init_weights(&self.mcfg, derive_seed(cfg.seed, g, "init")), None, cfg.train.clone()),
         })
     }
@@ -420,22 +496,34 @@ impl<'a> Lab<'a> {
             quiet: self.opts.quiet,
             label: format!("gen {g}"),
         };
-        checkpoint::train_model_dir(&self.opts.engine, &job, dir)
+        checkpoint::train_model_dir(&self.engine, &job, dir)
     }
 
     /// Generation g's corpus: a continuation of every prompt block, or free samples.
-    fn sample_generation(
+    fn sample_generation(&self, g: usize, model: &Model, gen0: &Model, set: &TrainingSet) -> Result<Vec<CorpusRecord>> {
+        let parent = format!("gen-{g:02}/{}", checkpoint::WEIGHTS);
+        self.sample_corpus(&format!("gen {g}"), g, "sample", model, gen0, &set.prompts, parent)
+    }
+
+    /// A corpus written by `model` from `prompts` (blocks mode) or from nothing (free mode), each
+    /// sequence scored under generation 0. `g` and `purpose` seed the sampling streams; `label`
+    /// names the progress bar; `parent` is recorded as the model that wrote it.
+    #[allow(clippy::too_many_arguments)]
+    fn sample_corpus(
         &self,
+        label: &str,
         g: usize,
+        purpose: &str,
         model: &Model,
         gen0: &Model,
-        set: &TrainingSet,
+        block_prompts: &[Vec<u32>],
+        parent: String,
     ) -> Result<Vec<CorpusRecord>> {
         let sc = self.cfg.sample;
         let decoding = Decoding { sampler: sc.sampler(), beam: sc.beam };
         let block = self.cfg.data.block_size;
         let (prompts, new_tokens): (Vec<Vec<u32>>, usize) = match self.cfg.recursion.prompt_mode {
-            PromptMode::Blocks => (set.prompts.clone(), block),
+            PromptMode::Blocks => (block_prompts.to_vec(), block),
             PromptMode::Free => {
                 let len = self.mcfg.ctx - 1;
                 let n = self.real_stream.len().div_ceil(len);
@@ -448,7 +536,7 @@ impl<'a> Lab<'a> {
             let bar = ProgressBar::new(prompts.len() as u64);
             bar.set_style(
                 ProgressStyle::with_template(&format!(
-                    "gen {g} sample {{bar:30}} {{pos}}/{{len}} sequences | {{rate}} | ETA {{eta}}"
+                    "{label} sample {{bar:30}} {{pos}}/{{len}} sequences | {{rate}} | ETA {{eta}}"
                 ))
                 .expect("valid template")
                 // Whole sequences per second (indicatif's {per_sec} prints four decimals).
@@ -465,16 +553,15 @@ impl<'a> Lab<'a> {
         for (c, chunk) in prompts.chunks(sc.batch_size).enumerate() {
             let ids = c * sc.batch_size..c * sc.batch_size + chunk.len();
             let seeds: Vec<u64> =
-                ids.map(|i| derive_seed(self.cfg.seed, g, &format!("sample/{i}"))).collect();
+                ids.map(|i| derive_seed(self.cfg.seed, g, &format!("{purpose}/{i}"))).collect();
             let refs: Vec<&[u32]> = chunk.iter().map(Vec::as_slice).collect();
             texts.extend(generate(model, &refs, new_tokens, &decoding, &seeds)?);
             bar.inc(chunk.len() as u64);
-            crate::fault::point(&format!("sample:gen {g}"));
+            crate::fault::point(&format!("sample:{label}"));
         }
         bar.finish_and_clear();
         let refs: Vec<&[u32]> = texts.iter().map(Vec::as_slice).collect();
         let gen0_ppl = sequence_ppls(gen0, &refs, self.tok.eot)?;
-        let parent = format!("gen-{g:02}/{}", checkpoint::WEIGHTS);
         Ok(texts
             .into_iter()
             .zip(prompts)
@@ -522,19 +609,16 @@ impl<'a> Lab<'a> {
         Ok(row)
     }
 
-    fn measure_generation(
-        &self,
-        g: usize,
-        model: &Model,
-        records: &[CorpusRecord],
-        info: &ModelInfo,
-        state: &RunState,
-    ) -> Result<Row> {
+    /// A model's perplexities on the real test and validation splits, and its corpus's metrics.
+    fn measure(&self, id: RowId, model: &Model, records: &[CorpusRecord], state: &RunState) -> Result<Row> {
         let block = self.cfg.data.block_size;
         let test = split_perplexity(model, &self.test, block)?;
-        crate::fault::point(&format!("measure:gen {g}"));
+        crate::fault::point(&format!("measure:{}", match id {
+            RowId::Generation(g) => format!("gen {g}"),
+            other => other.label(),
+        }));
         let valid = split_perplexity(model, &self.valid, block)?;
-        let mut row = Row::new(RowId::Generation(g));
+        let mut row = Row::new(id);
         row.set(Metric::TestPpl, test.ppl);
         row.set(Metric::TestWordPpl, test.word_ppl);
         row.set(Metric::TestPplRare, test.ppl_rare);
@@ -547,6 +631,31 @@ impl<'a> Lab<'a> {
         PplDistribution::new(&ppls).put(&mut row);
         row.set_count(Metric::Sequences, records.len() as u64);
         row.set_count(Metric::CorpusTokens, records.iter().map(|r| r.tokens.len() as u64).sum());
+        Ok(row)
+    }
+
+    /// The base's zero-shot row: its perplexities, and the metrics of what it writes from the real
+    /// blocks (kept in `base/corpus.jsonl`, the lineages' first step), scored under generation 0.
+    fn measure_base(&self, gen0: &Model, state: &RunState) -> Result<Row> {
+        let (weights, sha) = self.base.as_ref().expect("a run with a base has it loaded");
+        let model = self.engine.load(&self.mcfg, weights)?;
+        let parent = format!("base {}", &sha[..12]);
+        let records = self.sample_corpus("base", 0, "base-sample", &model, gen0, &self.real_blocks, parent)?;
+        let dir = self.opts.out.join("base");
+        create_dir(&dir)?;
+        write_corpus(&dir.join(CORPUS), &records)?;
+        self.measure(RowId::Base, &model, &records, state)
+    }
+
+    fn measure_generation(
+        &self,
+        g: usize,
+        model: &Model,
+        records: &[CorpusRecord],
+        info: &ModelInfo,
+        state: &RunState,
+    ) -> Result<Row> {
+        let mut row = self.measure(RowId::Generation(g), model, records, state)?;
         let t = &info.training;
         row.set_count(Metric::TrainTokens, t.train_tokens);
         row.set_count(Metric::TrainSteps, t.steps as u64);

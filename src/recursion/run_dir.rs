@@ -120,6 +120,9 @@ pub struct RunState {
     /// N of `ttr_at_n` and `distinct_n`, fixed for the run.
     pub ttr_n: usize,
     pub real_measured: bool,
+    /// The base's zero-shot row is measured (runs with `recursion.init = base`).
+    #[serde(default)]
+    pub base_measured: bool,
     /// sha256 of metrics.jsonl as last written.
     #[serde(default)]
     pub metrics_sha256: Option<String>,
@@ -129,7 +132,9 @@ pub struct RunState {
 impl RunState {
     /// Whether every generation and the real row are measured.
     pub fn is_complete(&self) -> bool {
-        self.real_measured && self.generations.iter().all(|g| g.status == Status::Measured)
+        self.real_measured
+            && (self.base.is_none() || self.base_measured)
+            && self.generations.iter().all(|g| g.status == Status::Measured)
     }
 
     /// Everything `run` would check of these settings, and the consistency of the record: a

@@ -33,7 +33,9 @@ pub fn verify(out: &Path, state: &mut RunState) -> Result<Vec<Row>> {
                 "note: an artifact of generation {g} is missing or changed; redoing generation {g} onwards"
             );
             if g == 0 && level == Status::Pending {
-                state.real_measured = false; // the real row is scored by generation 0
+                // The real and base rows are scored by generation 0.
+                state.real_measured = false;
+                state.base_measured = false;
             }
             for later in &mut state.generations[g..] {
                 if later.generation > g || level == Status::Pending {
@@ -54,6 +56,7 @@ pub fn verify(out: &Path, state: &mut RunState) -> Result<Vec<Row>> {
             eprintln!("note: {METRICS_JSONL} is missing or changed; measuring again");
         }
         state.real_measured = false;
+        state.base_measured = false;
         for gs in &mut state.generations {
             gs.status = gs.status.min(Status::Sampled);
         }
@@ -64,6 +67,7 @@ pub fn verify(out: &Path, state: &mut RunState) -> Result<Vec<Row>> {
         .into_iter()
         .filter(|r| match r.id {
             RowId::Real => state.real_measured,
+            RowId::Base => state.base_measured,
             RowId::Generation(g) => state.generations.get(g).is_some_and(|gs| gs.status == Status::Measured),
         })
         .collect())

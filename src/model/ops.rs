@@ -1,11 +1,11 @@
-//! The CPU kernels of the fast engine ([`super::fast`]): matrix products through the `gemm` crate
-//! (strided operands) or, for the few rows of a decoding step, on weights packed once into
-//! register-sized panels; fused LayerNorm, GELU and causal attention with their derivatives
-//! written beside them; and the vectorisable reductions (sum, dot, max, exp) every row loop uses.
+//! The ops of the fast engine ([`super::fast`]): linear layers on [`crate::kernels`]' products (the
+//! general one, or weights packed once for the few rows of a decoding step), fused LayerNorm, GELU
+//! and causal attention with their derivatives written beside them, and the vectorisable reductions
+//! (sum, dot, max, exp) every row loop uses.
 //!
 //! Shapes: rows of activations are row-major; a weight W is (out, in) and a product is x·Wᵀ.
 
-use gemm::Parallelism;
+use crate::kernels::{packed_matmul, Kernels, Mat, PackedWeights, Precision};
 use rayon::prelude::*;
 
 /// The last of every t rows of a (rows·t, width) matrix: (rows, width).
@@ -13,127 +13,47 @@ pub fn last_rows(a: &[f32], rows: usize, t: usize, width: usize) -> Vec<f32> {
     (0..rows).flat_map(|r| a[((r + 1) * t - 1) * width..(r + 1) * t * width].iter().copied()).collect()
 }
 
-/// Output features per panel: one 512-bit register (two 256-bit ones) of f32.
-const PANEL: usize = 16;
-/// Rows per register block of [`panel_block`]: 6 rows × 16 outputs of accumulators.
-const BLOCK_ROWS: usize = 6;
-/// Up to this many rows a product goes to [`panel_matmul`], above it to gemm.
-pub const PANEL_MAX_ROWS: usize = 256;
-
-/// A weight matrix W (oc, ic) rearranged for decoding: panel p holds outputs 16p..16p+16 as an
-/// (ic, 16) row-major block (zero-padded past oc). A decode step multiplies only a few rows, so a
-/// general gemm spends much of its time re-packing the weights at every step (its left operand,
-/// once it transposes the row-major product); packing them once per sampling call removes that.
-pub struct Panels {
-    data: Vec<f32>,
-    ic: usize,
-    oc: usize,
+/// The kernels and arithmetic of the engine's matrix products (the attention's small products
+/// always run in f32).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Compute {
+    pub kernels: Kernels,
+    pub precision: Precision,
 }
 
-impl Panels {
-    pub fn new(w: &[f32], oc: usize, ic: usize) -> Self {
-        assert_eq!(w.len(), oc * ic, "weight shape");
-        let mut data = vec![0f32; oc.div_ceil(PANEL) * ic * PANEL];
-        for (j, row) in w.chunks(ic).enumerate() {
-            let (p, jj) = (j / PANEL, j % PANEL);
-            for (k, &x) in row.iter().enumerate() {
-                data[(p * ic + k) * PANEL + jj] = x;
-            }
-        }
-        Self { data, ic, oc }
+impl Compute {
+    /// f32 on the best kernels of this CPU (what tests use; the engine reads the environment).
+    pub fn fp32() -> Self {
+        Self { kernels: Kernels::detect(), precision: Precision::F32 }
+    }
+
+    /// The same kernels, in f32.
+    pub fn f32(self) -> Self {
+        Self { precision: Precision::F32, ..self }
     }
 }
 
-/// out (n_rows, oc) = inp (n_rows, ic) · W^T + bias (W: (oc, ic)). With `panels` (W packed for
-/// decoding), few rows go to [`panel_matmul`], many (a prefill) to gemm on the plain matrix. The two
+/// Up to this many rows a product with packed weights goes to [`packed_matmul`], above it (a
+/// prefill) to the general product on the plain matrix.
+pub const PACKED_MAX_ROWS: usize = 256;
+
+/// out (n_rows, oc) = inp (n_rows, ic) · W^T + bias (W: (oc, ic)). With `packed` (W packed once for
+/// decoding), few rows go to [`packed_matmul`], many (a prefill) to the general product. The two
 /// sum in different orders, so a prompt's logits can differ in the last bits with the size of its
 /// batch; a run stays reproducible, as its batches are fixed.
 pub fn linear(
+    c: Compute,
     out: &mut [f32],
     inp: &[f32],
     w: &[f32],
-    panels: Option<&Panels>,
+    packed: Option<&PackedWeights>,
     bias: Option<&[f32]>,
     n_rows: usize,
 ) {
     let (oc, ic) = (out.len() / n_rows.max(1), inp.len() / n_rows.max(1));
-    match panels {
-        Some(p) if n_rows <= PANEL_MAX_ROWS => panel_matmul(out, inp, p, bias, n_rows),
-        _ => matmul_forward(out, inp, w, bias, n_rows, ic, oc),
-    }
-}
-
-/// out (n_rows, oc) = inp (n_rows, ic) · W^T + bias, W in panels. The panels are split between
-/// the threads; each panel is multiplied by every block of rows while it sits in cache.
-pub fn panel_matmul(out: &mut [f32], inp: &[f32], w: &Panels, bias: Option<&[f32]>, n_rows: usize) {
-    let (ic, oc) = (w.ic, w.oc);
-    assert!(inp.len() == n_rows * ic && out.len() == n_rows * oc, "panel_matmul shapes");
-    assert!(bias.is_none_or(|b| b.len() == oc), "panel_matmul bias");
-    let n_panels = oc.div_ceil(PANEL);
-    let threads = rayon::current_num_threads().clamp(1, n_panels.max(1));
-    let out_p = SendPtr(out.as_mut_ptr());
-    (0..threads).into_par_iter().for_each(|th| {
-        for p in th * n_panels / threads..(th + 1) * n_panels / threads {
-            let panel = &w.data[p * ic * PANEL..(p + 1) * ic * PANEL];
-            let (j0, cols) = (p * PANEL, PANEL.min(oc - p * PANEL));
-            let mut r0 = 0;
-            while r0 < n_rows {
-                let rows = BLOCK_ROWS.min(n_rows - r0);
-                let acc = match rows {
-                    6 => panel_block::<6>(inp, r0, ic, panel),
-                    5 => panel_block::<5>(inp, r0, ic, panel),
-                    4 => panel_block::<4>(inp, r0, ic, panel),
-                    3 => panel_block::<3>(inp, r0, ic, panel),
-                    2 => panel_block::<2>(inp, r0, ic, panel),
-                    _ => panel_block::<1>(inp, r0, ic, panel),
-                };
-                for (i, a) in acc.iter().take(rows).enumerate() {
-                    // SAFETY: row r0 + i, columns j0..j0 + cols of `out` (n_rows × oc) are written by
-                    // this thread alone: the panels, hence the column ranges, are split between threads.
-                    let o =
-                        unsafe { std::slice::from_raw_parts_mut(out_p.ptr().add((r0 + i) * oc + j0), cols) };
-                    match bias {
-                        Some(b) => o.iter_mut().zip(a).zip(&b[j0..]).for_each(|((o, a), b)| *o = a + b),
-                        None => o.copy_from_slice(&a[..cols]),
-                    }
-                }
-                r0 += rows;
-            }
-        }
-    });
-}
-
-/// The register block: rows r0..r0+R of `inp` times one panel, R × 16 sums over k. Written with
-/// fixed sizes so that the compiler keeps the accumulators in vector registers and emits FMAs.
-#[inline(always)]
-fn panel_block<const R: usize>(
-    inp: &[f32],
-    r0: usize,
-    ic: usize,
-    panel: &[f32],
-) -> [[f32; PANEL]; BLOCK_ROWS] {
-    let mut acc = [[0f32; PANEL]; R];
-    let x: [&[f32]; R] = std::array::from_fn(|i| &inp[(r0 + i) * ic..(r0 + i + 1) * ic]);
-    for (k, wk) in panel.chunks_exact(PANEL).enumerate() {
-        for i in 0..R {
-            let xv = x[i][k];
-            for jj in 0..PANEL {
-                acc[i][jj] = mul_add(xv, wk[jj], acc[i][jj]);
-            }
-        }
-    }
-    let mut full = [[0f32; PANEL]; BLOCK_ROWS];
-    full[..R].copy_from_slice(&acc);
-    full
-}
-
-/// a·b + c, fused where the CPU has FMA (without it, `f32::mul_add` would be a slow library call).
-#[inline(always)]
-fn mul_add(a: f32, b: f32, c: f32) -> f32 {
-    if cfg!(target_feature = "fma") {
-        a.mul_add(b, c)
-    } else {
-        a * b + c
+    match packed {
+        Some(p) if n_rows <= PACKED_MAX_ROWS => packed_matmul(out, inp, p, bias, n_rows),
+        _ => matmul_forward(c, out, inp, w, bias, n_rows, ic, oc),
     }
 }
 
@@ -173,6 +93,7 @@ impl KvLayout {
 /// positions, not aliasing `out`.
 #[allow(clippy::too_many_arguments)]
 pub unsafe fn attention(
+    kernels: Kernels,
     out: &mut [f32],
     probs: Option<&mut [f32]>,
     qkv: &[f32],
@@ -235,16 +156,18 @@ pub unsafe fn attention(
                 let q = qkv.as_ptr().add(r * t * 3 * c + hi * hs);
                 // att (t, len) = q · kᵀ · scale
                 matmul(
+                    kernels,
+                    Precision::F32,
                     t,
                     len,
                     hs,
                     att.as_mut_ptr(),
                     len,
                     false,
-                    row_major(q, 3 * c),
-                    transposed(k, pos),
+                    Mat::row_major(q, 3 * c),
+                    Mat::transposed(k, pos),
                     scale,
-                    Parallelism::None,
+                    false,
                 );
                 for i in 0..t {
                     let row = &mut att[i * len..(i + 1) * len];
@@ -260,93 +183,30 @@ pub unsafe fn attention(
                 // out (t, hs) = att · v
                 let o = out_p.ptr().add(r * t * c + hi * hs);
                 matmul(
+                    kernels,
+                    Precision::F32,
                     t,
                     hs,
                     len,
                     o,
                     c,
                     false,
-                    row_major(att.as_ptr(), len),
-                    row_major(v, pos),
+                    Mat::row_major(att.as_ptr(), len),
+                    Mat::row_major(v, pos),
                     1.0,
-                    Parallelism::None,
+                    false,
                 );
             }
         },
     );
 }
 
-/// A strided matrix operand: element (i, j) is at `ptr + i·row + j·col`.
-#[derive(Clone, Copy)]
-pub struct Mat {
-    ptr: *const f32,
-    row: usize,
-    col: usize,
-}
-
-/// A matrix stored row by row, rows `stride` floats apart.
-pub fn row_major(ptr: *const f32, stride: usize) -> Mat {
-    Mat { ptr, row: stride, col: 1 }
-}
-
-/// The transpose of a matrix stored row by row (rows `stride` floats apart).
-pub fn transposed(ptr: *const f32, stride: usize) -> Mat {
-    Mat { ptr, row: 1, col: stride }
-}
-
-/// dst (m × n, rows `dst_row` floats apart) = [dst +] scale · lhs (m × k) · rhs (k × n), on the `gemm`
-/// crate's kernels.
-///
-/// # Safety
-/// The operands must describe memory valid for the given shapes and strides, and `dst` must not
-/// alias them.
-#[allow(clippy::too_many_arguments)]
-pub unsafe fn matmul(
-    m: usize,
-    n: usize,
-    k: usize,
-    dst: *mut f32,
-    dst_row: usize,
-    accumulate: bool,
-    lhs: Mat,
-    rhs: Mat,
-    scale: f32,
-    parallelism: Parallelism,
-) {
-    let alpha = if accumulate { 1.0 } else { 0.0 };
-    let (lc, lr, rc, rr) = (lhs.col as isize, lhs.row as isize, rhs.col as isize, rhs.row as isize);
-    gemm::gemm(
-        m,
-        n,
-        k,
-        dst,
-        1,
-        dst_row as isize,
-        accumulate,
-        lhs.ptr,
-        lc,
-        lr,
-        rhs.ptr,
-        rc,
-        rr,
-        alpha,
-        scale,
-        false,
-        false,
-        false,
-        parallelism,
-    );
-}
-
-pub fn threads() -> Parallelism {
-    match rayon::current_num_threads() {
-        0 | 1 => Parallelism::None,
-        n => Parallelism::Rayon(n),
-    }
-}
+use crate::kernels::matmul;
 
 /// out (n_rows, oc) = inp (n_rows, ic) · W^T (W: (oc, ic)) + bias.
+#[allow(clippy::too_many_arguments)]
 pub fn matmul_forward(
+    c: Compute,
     out: &mut [f32],
     inp: &[f32],
     w: &[f32],
@@ -359,16 +219,18 @@ pub fn matmul_forward(
     // what the strides below describe; `out` does not alias the inputs.
     unsafe {
         matmul(
+            c.kernels,
+            c.precision,
             n_rows,
             oc,
             ic,
             out.as_mut_ptr(),
             oc,
             false,
-            row_major(inp.as_ptr(), ic),
-            transposed(w.as_ptr(), ic),
+            Mat::row_major(inp.as_ptr(), ic),
+            Mat::transposed(w.as_ptr(), ic),
             1.0,
-            threads(),
+            true,
         );
     }
     if let Some(bias) = bias {
@@ -383,6 +245,7 @@ pub fn matmul_forward(
 /// Given d out (n_rows, oc): d inp = d out · W (overwritten), d W += d out^T · inp, d bias += Σ d out.
 #[allow(clippy::too_many_arguments)]
 pub fn matmul_backward(
+    c: Compute,
     dinp: &mut [f32],
     dw: &mut [f32],
     dbias: Option<&mut [f32]>,
@@ -396,28 +259,32 @@ pub fn matmul_backward(
     // SAFETY: as in matmul_forward; each destination is a separate buffer of the stated size.
     unsafe {
         matmul(
+            c.kernels,
+            c.precision,
             n_rows,
             ic,
             oc,
             dinp.as_mut_ptr(),
             ic,
             false,
-            row_major(dout.as_ptr(), oc),
-            row_major(w.as_ptr(), ic),
+            Mat::row_major(dout.as_ptr(), oc),
+            Mat::row_major(w.as_ptr(), ic),
             1.0,
-            threads(),
+            true,
         );
         matmul(
+            c.kernels,
+            c.precision,
             oc,
             ic,
             n_rows,
             dw.as_mut_ptr(),
             ic,
             true,
-            transposed(dout.as_ptr(), oc),
-            row_major(inp.as_ptr(), ic),
+            Mat::transposed(dout.as_ptr(), oc),
+            Mat::row_major(inp.as_ptr(), ic),
             1.0,
-            threads(),
+            true,
         );
     }
     if let Some(db) = dbias {
@@ -622,6 +489,7 @@ impl SendPtr {
 /// d qkv (B, T, 3C) from d out (B, T, C) and the saved probabilities `att` (B, H, T, T).
 #[allow(clippy::too_many_arguments)]
 pub fn attention_backward(
+    kernels: Kernels,
     dqkv: &mut [f32],
     datt: &mut [f32],
     dout: &[f32],
@@ -650,29 +518,33 @@ pub fn attention_backward(
             let (dq, dk, dv) = (db.add(hi * hs), db.add(c + hi * hs), db.add(2 * c + hi * hs));
             // datt (T, T) = dout · v^T
             matmul(
+                kernels,
+                Precision::F32,
                 t,
                 t,
                 hs,
                 da.as_mut_ptr(),
                 t,
                 false,
-                row_major(d_o, c),
-                transposed(v, 3 * c),
+                Mat::row_major(d_o, c),
+                Mat::transposed(v, 3 * c),
                 1.0,
-                Parallelism::None,
+                false,
             );
             // dv (T, hs) = att^T · dout
             matmul(
+                kernels,
+                Precision::F32,
                 t,
                 hs,
                 t,
                 dv,
                 3 * c,
                 false,
-                transposed(a.as_ptr(), t),
-                row_major(d_o, c),
+                Mat::transposed(a.as_ptr(), t),
+                Mat::row_major(d_o, c),
                 1.0,
-                Parallelism::None,
+                false,
             );
             // Softmax backward, in place: dpre = att ⊙ (datt − Σ att·datt), zero above the diagonal.
             for t1 in 0..t {
@@ -685,30 +557,70 @@ pub fn attention_backward(
             }
             // dq (T, hs) = dpre · k · scale
             matmul(
+                kernels,
+                Precision::F32,
                 t,
                 hs,
                 t,
                 dq,
                 3 * c,
                 false,
-                row_major(da.as_ptr(), t),
-                row_major(k, 3 * c),
+                Mat::row_major(da.as_ptr(), t),
+                Mat::row_major(k, 3 * c),
                 scale,
-                Parallelism::None,
+                false,
             );
             // dk (T, hs) = dpre^T · q · scale
             matmul(
+                kernels,
+                Precision::F32,
                 t,
                 hs,
                 t,
                 dk,
                 3 * c,
                 false,
-                transposed(da.as_ptr(), t),
-                row_major(q, 3 * c),
+                Mat::transposed(da.as_ptr(), t),
+                Mat::row_major(q, 3 * c),
                 scale,
-                Parallelism::None,
+                false,
             );
         }
     });
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn fast_exp_and_tanh_are_accurate() {
+        for i in -8699..8000 {
+            let x = i as f32 * 0.01;
+            let (want, got) = (x.exp(), fast_exp(x));
+            assert!((got - want).abs() <= 1e-6 * want, "exp({x}): {got} vs {want}");
+            let (want, got) = (x.tanh(), fast_tanh(x));
+            assert!((got - want).abs() <= 1e-6, "tanh({x}): {got} vs {want}");
+        }
+        assert_eq!((fast_exp(-1000.0), fast_exp(f32::NEG_INFINITY), fast_exp(f32::NAN)), (0.0, 0.0, 0.0));
+    }
+
+    /// The linear layer gives the same numbers (to f32 rounding) through packed weights (few rows)
+    /// and the general product, with and without bias; a hand-checked element.
+    #[test]
+    fn linear_packed_and_general_agree() {
+        let c = Compute::fp32();
+        let (rows, ic, oc) = (11, 5, 37);
+        let inp: Vec<f32> = (0..rows * ic).map(|i| ((i * 7 % 11) as f32 - 5.0) / 4.0).collect();
+        let w: Vec<f32> = (0..oc * ic).map(|i| ((i * 5 % 13) as f32 - 6.0) / 8.0).collect();
+        let bias: Vec<f32> = (0..oc).map(|j| j as f32 / 10.0).collect();
+        let (mut want, mut got) = (vec![0f32; rows * oc], vec![1f32; rows * oc]);
+        linear(c, &mut want, &inp, &w, None, Some(&bias), rows);
+        let packed = PackedWeights::new(c.kernels, &w, oc, ic, Precision::F32);
+        linear(c, &mut got, &inp, &w, Some(&packed), Some(&bias), rows);
+        let diff = got.iter().zip(&want).map(|(a, b)| (a - b).abs()).fold(0f32, f32::max);
+        assert!(diff < 1e-5, "max |Δ| {diff}");
+        let dot0: f32 = (0..ic).map(|k| inp[k] * w[k]).sum();
+        assert!((want[0] - dot0).abs() < 1e-6, "row 0 · column 0 + bias 0");
+    }
 }

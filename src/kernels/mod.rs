@@ -1,0 +1,122 @@
+//! CPU matrix-multiplication kernels for the hand-written training and sampling engine.
+//!
+//! Self-contained (it uses nothing else in this crate), so that the engine can switch to it in
+//! one place. Three things:
+//!
+//! - [`Kernels`]: which fp32 kernel (AVX-512F, AVX2+FMA, portable) and which bf16 kernel (AMX,
+//!   AVX512_BF16, none) this CPU runs, detected once per process; [`Kernels::from_env`] lets the
+//!   `COLLAPSE_LAB_KERNELS` variable force a slower path for testing.
+//! - [`matmul`]: dst (m × n) = [dst +] scale · lhs (m × k) · rhs (k × n) over strided operands
+//!   ([`Mat`]), in fp32 (the `gemm` crate's microkernels, instruction set chosen here) or in bf16
+//!   (inputs rounded to bf16 while packing, products summed in f32: AMX tiles or `vdpbf16ps`).
+//! - [`PackedWeights`] and [`packed_matmul`]: few-row products (decoding) against a weight matrix
+//!   packed once, in f32 or bf16.
+//!
+//! Every product is deterministic: each output is summed over k by one kernel call in a fixed
+//! order, whatever the number of threads (k is never split between threads). The bf16 kernels
+//! give the same bits for any blocking, too, as they carry partial sums between chunks of k in
+//! f32 scratch blocks, which loses nothing.
+//!
+//! Speed notes (measured on the Sapphire Rapids development machine; details in the `bench`
+//! tests): `vdpbf16ps` on that CPU retires about one 512-bit instruction every two cycles, so the
+//! AVX512_BF16 kernel does half the flops of the fp32 AVX-512 one there (on AMD Zen 4 it does about
+//! twice as many); AMX does several times the fp32 rate, and its products of the engine's shapes are
+//! then bound by packing the f32 operands and writing the f32 results more than by the tiles.
+
+#[cfg(target_arch = "x86_64")]
+mod amx;
+#[cfg(target_arch = "x86_64")]
+mod avx512;
+#[cfg(test)]
+mod bench;
+mod bf16;
+mod detect;
+mod fp32;
+mod packed;
+#[cfg(test)]
+mod tests;
+
+pub use bf16::matmul_bf16_reference;
+pub use detect::{Bf16Kernel, Fp32Kernel, Kernels, ENV_VAR};
+pub use packed::{packed_matmul, PackedWeights};
+
+/// The arithmetic of a product.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Precision {
+    /// f32 inputs, f32 products and sums.
+    F32,
+    /// Inputs rounded to bf16 (to nearest, ties to even; NaN stays NaN), products summed in f32.
+    Bf16,
+}
+
+/// A strided f32 matrix operand: element (i, j) is at `ptr + i·row + j·col`.
+#[derive(Clone, Copy, Debug)]
+pub struct Mat {
+    /// Element (0, 0).
+    pub ptr: *const f32,
+    /// Distance between rows, in elements.
+    pub row: usize,
+    /// Distance between columns, in elements.
+    pub col: usize,
+}
+
+// SAFETY: a Mat only describes memory; it is read only inside `unsafe fn`s whose callers vouch
+// that the memory is valid and not written meanwhile, so sharing the description between the
+// threads of one product is sound.
+unsafe impl Send for Mat {}
+// SAFETY: as for Send: the kernels only read through it.
+unsafe impl Sync for Mat {}
+
+impl Mat {
+    /// A matrix stored row by row, rows `stride` elements apart.
+    pub fn row_major(ptr: *const f32, stride: usize) -> Mat {
+        Mat { ptr, row: stride, col: 1 }
+    }
+
+    /// The transpose of a matrix stored row by row (rows `stride` elements apart).
+    pub fn transposed(ptr: *const f32, stride: usize) -> Mat {
+        Mat { ptr, row: 1, col: stride }
+    }
+}
+
+/// dst (m × n, rows `dst_row` elements apart, columns adjacent) = [dst +] scale · lhs (m × k) ·
+/// rhs (k × n), with `accumulate` choosing whether dst is added to (otherwise it is only
+/// written, never read). `parallel` spreads the work over rayon's threads.
+///
+/// [`Precision::F32`] runs gemm's microkernels for `kernels.fp32()`. [`Precision::Bf16`] rounds
+/// both operands to bf16 while packing them and sums the (exact) products in f32 on
+/// `kernels.bf16()`; each output is `scale · Σₖ lhsᵢₖ·rhsₖⱼ`, then `+ dst` when accumulating, like
+/// [`matmul_bf16_reference`] up to the order of the f32 sum. Without a bf16 kernel the rounded
+/// operands go through the fp32 kernel.
+///
+/// # Safety
+/// `lhs` and `rhs` must be readable at every (i, k) and (k, j) of their shapes, `dst` readable and
+/// writable at every (i, j), and `dst` must overlap neither input.
+#[allow(clippy::too_many_arguments)]
+pub unsafe fn matmul(
+    kernels: Kernels,
+    precision: Precision,
+    m: usize,
+    n: usize,
+    k: usize,
+    dst: *mut f32,
+    dst_row: usize,
+    accumulate: bool,
+    lhs: Mat,
+    rhs: Mat,
+    scale: f32,
+    parallel: bool,
+) {
+    if m == 0 || n == 0 {
+        return;
+    }
+    // SAFETY (both arms): forwarded from this function's contract; `kernels` was detected on this CPU.
+    match precision {
+        Precision::F32 => unsafe {
+            fp32::matmul_f32(kernels.fp32(), m, n, k, dst, dst_row, accumulate, lhs, rhs, scale, parallel)
+        },
+        Precision::Bf16 => unsafe {
+            bf16::matmul_bf16(kernels, m, n, k, dst, dst_row, accumulate, lhs, rhs, scale, parallel)
+        },
+    }
+}
