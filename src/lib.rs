@@ -12,6 +12,7 @@ pub mod compare;
 pub mod config;
 pub mod data;
 pub mod fast;
+pub mod hf;
 pub mod metrics;
 pub mod model;
 pub mod recursion;

@@ -58,12 +58,17 @@ impl Tokenizer {
         Self::from_json(&json).context("reloading the trained tokenizer")
     }
 
-    /// Parses a `tokenizer.json` text.
+    /// Parses a `tokenizer.json` text. It must have [`EOT`]; [`UNK`] is optional (the lab's own
+    /// tokenizers have it, GPT-2's has none).
     pub fn from_json(json: &str) -> Result<Self> {
         let inner = HfTokenizer::from_bytes(json.as_bytes()).map_err(|e| anyhow::anyhow!("{e}"))?;
         let eot = inner.token_to_id(EOT).with_context(|| format!("the tokenizer has no {EOT} token"))?;
-        inner.token_to_id(UNK).with_context(|| format!("the tokenizer has no {UNK} token"))?;
         Ok(Self { inner, json: json.to_string(), eot })
+    }
+
+    /// The id of [`UNK`], if the tokenizer has that token.
+    pub fn unk(&self) -> Option<u32> {
+        self.inner.token_to_id(UNK)
     }
 
     /// Loads `path` (a `tokenizer.json`), naming the file in every error.
