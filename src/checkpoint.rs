@@ -101,7 +101,28 @@ pub fn train_model_dir(engine: &Engine, job: &TrainJob, dir: &Path) -> Result<Mo
 pub struct LoadedModel {
     pub model: Model,
     pub tokenizer: Tokenizer,
-    pub info: ModelInfo,
+    /// The lab's record (None for a Hugging Face directory).
+    pub info: Option<ModelInfo>,
+    /// The weights, on the host (what `export` writes).
+    pub weights: Weights,
+    /// Where the model came from, for messages and records.
+    pub source: String,
+}
+
+impl LoadedModel {
+    /// The settings it was trained with, or (for a Hugging Face model) the defaults evaluation
+    /// uses: 64-token blocks (fewer if the context is shorter) on the whole splits.
+    pub fn eval_config(&self) -> Config {
+        match &self.info {
+            Some(info) => info.config.clone(),
+            None => {
+                let mut cfg = Config::preset("shumailov").expect("a known preset");
+                cfg.data.train_lines = 0;
+                cfg.data.block_size = cfg.data.block_size.min(self.model.cfg().ctx);
+                cfg
+            }
+        }
+    }
 }
 
 /// Reads a directory's `model.json`.
@@ -122,13 +143,21 @@ pub fn read_info(dir: &Path) -> Result<ModelInfo> {
     Ok(info)
 }
 
-/// Loads a model directory on `engine`, checking that its pieces belong together.
+/// Loads a model directory on `engine` (the lab's, or a Hugging Face GPT-2 directory, converted
+/// exactly or refused), checking that its pieces belong together.
 pub fn load_model_dir(dir: &Path, engine: &Engine) -> Result<LoadedModel> {
     if !dir.is_dir() {
         bail!(
-            "model directory {} does not exist (expected the --out of `collapse-lab train`)",
+            "model directory {} does not exist (expected the --out of `collapse-lab train`, or a Hugging Face GPT-2 directory)",
             dir.display()
         );
+    }
+    if crate::hf::is_hf_dir(dir) {
+        let imported = crate::hf::import(dir, &candle_core::Device::Cpu)?;
+        let weights = crate::hf::weights(&imported.config, &imported.tensors)?;
+        let tokenizer = Tokenizer::from_json(&imported.tokenizer_json)?;
+        let model = engine.load(&imported.config, &weights)?;
+        return Ok(LoadedModel { model, tokenizer, info: None, weights, source: imported.source });
     }
     let info = read_info(dir)?;
     let tokenizer = Tokenizer::load(&dir.join(TOKENIZER))?;
@@ -141,7 +170,14 @@ pub fn load_model_dir(dir: &Path, engine: &Engine) -> Result<LoadedModel> {
             tokenizer.vocab_size()
         );
     }
+    if tokenizer.sha256() != info.tokenizer_sha256 {
+        bail!(
+            "{}: {TOKENIZER} is not the tokenizer recorded in {MODEL_JSON} (its sha256 differs)",
+            dir.display()
+        );
+    }
     let weights = load_weights(&info.model, &dir.join(WEIGHTS))?;
     let model = engine.load(&info.model, &weights)?;
-    Ok(LoadedModel { model, tokenizer, info })
+    let source = dir.display().to_string();
+    Ok(LoadedModel { model, tokenizer, info: Some(info), weights, source })
 }

@@ -8,7 +8,8 @@
 //! data                          corpora: splits, lines, evaluation blocks
 //! tokenizer                     the frozen BPE tokenizer
 //! kernels                       CPU matrix products: fp32 (AVX2, AVX-512), bf16 (AMX, AVX512-BF16)
-//! model                         the GPT described once; candle reference, fast CPU engine, its ops
+//! model, hf                     the GPT described once; candle reference, fast CPU engine, its ops;
+//!                               Hugging Face GPT-2 directories in and out
 //! train, checkpoint             the training loop; model directories
 //! sampler, sample               token choice; batched generation and beam search
 //! metrics                       perplexities, corpus metrics, n-gram baselines, the registry
@@ -25,6 +26,7 @@ pub mod config;
 pub mod data;
 pub mod fault;
 pub mod files;
+pub mod hf;
 pub mod kernels;
 pub mod metrics;
 pub mod model;

@@ -55,15 +55,32 @@ pub fn generate(
     if decoding.beam > 1 {
         beam_generate(&mut model.decoder(prompts.len()), vocab, prompts, new_tokens, decoding)
     } else {
-        sample_generate(
-            &mut model.decoder(prompts.len()),
-            vocab,
-            prompts,
-            new_tokens,
-            &decoding.sampler,
-            seeds,
-        )
+        let mut decoder = model.decoder(prompts.len());
+        sample_generate(&mut decoder, vocab, prompts, new_tokens, &decoding.sampler, seeds, &mut |_| {})
     }
+}
+
+/// Samples a continuation of one prompt (as [`generate`] would with `seed`), calling `on_token`
+/// with each token as it is chosen: what `collapse-lab generate` streams to a terminal.
+pub fn generate_streaming(
+    model: &Model,
+    prompt: &[u32],
+    new_tokens: usize,
+    sampler: &SamplerSettings,
+    seed: u64,
+    on_token: &mut dyn FnMut(u32),
+) -> Result<Vec<u32>> {
+    let ctx = model.cfg().ctx;
+    let need = prompt.len() + new_tokens.max(1) - 1;
+    if prompt.is_empty() || need > ctx {
+        bail!("a prompt of {} tokens plus {new_tokens} new tokens needs a context of {need}, the model has {ctx}", prompt.len());
+    }
+    let vocab = model.cfg().vocab_size;
+    let mut decoder = model.decoder(1);
+    let out = sample_generate(&mut decoder, vocab, &[prompt], new_tokens, sampler, &[seed], &mut |s| {
+        on_token(s[0])
+    })?;
+    Ok(out.into_iter().next().unwrap_or_default())
 }
 
 fn sample_generate(
@@ -73,6 +90,7 @@ fn sample_generate(
     new_tokens: usize,
     settings: &SamplerSettings,
     seeds: &[u64],
+    on_step: &mut dyn FnMut(&[u32]),
 ) -> Result<Vec<Vec<u32>>> {
     let sampler = Sampler::new(*settings).map_err(anyhow::Error::msg)?;
     let mut rngs: Vec<ChaCha8Rng> = seeds.iter().map(|&s| ChaCha8Rng::seed_from_u64(s)).collect();
@@ -100,6 +118,7 @@ fn sample_generate(
             o.push(tok);
             next.push([tok]);
         }
+        on_step(&chosen);
         if step + 1 < new_tokens {
             let rows: Vec<&[u32]> = next.iter().map(|t| &t[..]).collect(); // (B, 1)
             logits = dec.forward(&rows)?;

@@ -222,3 +222,140 @@ fn device_flag_errors_name_the_flag() {
     }
     assert!(!out.exists(), "nothing written on a device error");
 }
+
+/// `generate` continues a prompt with the same tokens as the lab's own sampler for the same seed
+/// and settings, streams one prompt's text, and writes JSONL for a file of prompts.
+#[test]
+fn generate_samples_like_the_lab_sampler() {
+    use collapse_lab::checkpoint::load_model_dir;
+    use collapse_lab::config::SamplerSettings;
+    use collapse_lab::model::engine::Engine;
+    use collapse_lab::sample::{generate, Decoding};
+    let tmp = tempfile::tempdir().unwrap();
+    let model = smoke_model(tmp.path());
+    let m = model.to_str().unwrap();
+    let loaded = load_model_dir(&model, &Engine::cpu()).unwrap();
+    let tok = &loaded.tokenizer;
+    let prompts = ["The game was released", "In 1995 , the band"];
+    let sampler = SamplerSettings { temperature: 0.8, top_k: 40, top_p: 0.95, repetition_penalty: 1.0 };
+    let decoding = Decoding { sampler, beam: 0 };
+    let want: Vec<Vec<u32>> = prompts
+        .iter()
+        .enumerate()
+        .map(|(i, p)| {
+            let ids = [vec![tok.eot], tok.encode(p).unwrap()].concat();
+            let seed = collapse_lab::cli::generate_seed(3, i);
+            generate(&loaded.model, &[&ids], 12, &decoding, &[seed]).unwrap().remove(0)
+        })
+        .collect();
+    let flags =
+        ["--temperature", "0.8", "--top-k", "40", "--top-p", "0.95", "--seed", "3", "--max-new-tokens", "12"];
+    // One prompt: the prompt, then the continuation as it streams.
+    let o = run(&[&["generate", "--model", m, "--prompt", prompts[0]][..], &flags[..]].concat());
+    assert!(o.status.success(), "{}", stderr(&o));
+    let text = String::from_utf8_lossy(&o.stdout);
+    assert_eq!(text.trim_end(), format!("{} {}", prompts[0], tok.decode(&want[0])).trim_end());
+    // A file of prompts: JSONL with the tokens.
+    let file = tmp.path().join("prompts.txt");
+    std::fs::write(&file, prompts.join("\n")).unwrap();
+    let o = run(&[&["generate", "--model", m, "--prompts", file.to_str().unwrap()][..], &flags[..]].concat());
+    assert!(o.status.success(), "{}", stderr(&o));
+    let lines: Vec<serde_json::Value> =
+        String::from_utf8_lossy(&o.stdout).lines().map(|l| serde_json::from_str(l).unwrap()).collect();
+    assert_eq!(lines.len(), 2);
+    for (line, want) in lines.iter().zip(&want) {
+        let got: Vec<u32> =
+            line["tokens"].as_array().unwrap().iter().map(|t| t.as_u64().unwrap() as u32).collect();
+        assert_eq!(&got, want);
+    }
+    // Bad inputs: one line, exit 2, nothing printed on stdout.
+    for (args, culprit) in [
+        (
+            &["generate", "--model", m, "--prompt", "x", "--max-new-tokens", "1000"][..],
+            "--max-new-tokens 1000",
+        ),
+        (&["generate", "--model", m, "--prompt", "x", "--top-p", "2"][..], "--top-p"),
+        (&["generate", "--model", m, "--prompt", "x", "--beam", "100000"][..], "--beam"),
+    ] {
+        let o = run(args);
+        assert_clean_error(&o, culprit);
+        assert_eq!(o.status.code(), Some(2));
+        assert!(o.stdout.is_empty());
+    }
+}
+
+/// `export --format hf` writes what `GPT2LMHeadModel` expects (the fixture's config keys, tensor
+/// names and orientation), and the export reads back with the same perplexities; a Hugging Face
+/// directory is also a model for `eval` and a base for `run --init base`.
+#[test]
+fn export_and_import_hugging_face_directories() {
+    let tmp = tempfile::tempdir().unwrap();
+    let model = smoke_model(tmp.path());
+    let hf = tmp.path().join("hf");
+    let o = run(&["export", "--format", "hf", model.to_str().unwrap(), hf.to_str().unwrap()]);
+    assert!(o.status.success(), "{}", stderr(&o));
+    let fixture = Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures/hf-tiny-gpt2");
+    let keys = |d: &Path| -> Vec<String> {
+        let v: serde_json::Value =
+            serde_json::from_slice(&std::fs::read(d.join("config.json")).unwrap()).unwrap();
+        v.as_object().unwrap().keys().cloned().collect()
+    };
+    assert_eq!(keys(&hf), keys(&fixture));
+    let names = |d: &Path| -> Vec<String> {
+        let bytes = std::fs::read(d.join("model.safetensors")).unwrap();
+        let st = safetensors::SafeTensors::deserialize(&bytes).unwrap();
+        let mut n: Vec<String> = st.names().into_iter().map(String::from).collect();
+        n.sort();
+        n
+    };
+    assert_eq!(names(&hf), names(&fixture), "GPT2LMHeadModel's tensor names (2 layers, tied head)");
+    let eval = |d: &Path| {
+        let o =
+            run(&["eval", "--model", d.to_str().unwrap(), "--json", "--lines", "200", "--block-size", "16"]);
+        assert!(o.status.success(), "{}", stderr(&o));
+        let v: serde_json::Value = serde_json::from_slice(&o.stdout).unwrap();
+        v["nats"].as_f64().unwrap()
+    };
+    assert_eq!(eval(&model), eval(&hf), "the export computes what the lab model computes");
+    // Exporting onto a directory of other files is refused, one line, nothing written.
+    let busy = tmp.path().join("busy");
+    std::fs::create_dir(&busy).unwrap();
+    std::fs::write(busy.join("notes.txt"), "mine").unwrap();
+    assert_clean_error(&run(&["export", model.to_str().unwrap(), busy.to_str().unwrap()]), "busy");
+    assert_eq!(std::fs::read_dir(&busy).unwrap().count(), 1);
+    // The transformers fixture as the base of a run of its shape.
+    let out = tmp.path().join("run");
+    let o = run(&[
+        "run",
+        "--preset",
+        "smoke",
+        "--init",
+        "base",
+        "--base",
+        fixture.to_str().unwrap(),
+        "--generations",
+        "1",
+        "--set",
+        "model.d_model=48",
+        "--set",
+        "model.n_head=4",
+        "--set",
+        "model.ctx=64",
+        "--quiet",
+        "--out",
+        out.to_str().unwrap(),
+    ]);
+    assert!(o.status.success(), "{}", stderr(&o));
+    let state: serde_json::Value =
+        serde_json::from_slice(&std::fs::read(out.join("run.json")).unwrap()).unwrap();
+    assert_eq!(state["base"]["pretrained_by_this_run"], false);
+    // A transformers model the lab cannot compute exactly is refused, naming the field.
+    let relu = tmp.path().join("relu");
+    std::fs::create_dir(&relu).unwrap();
+    for f in ["config.json", "model.safetensors", "tokenizer.json", "tokenizer_config.json"] {
+        std::fs::copy(fixture.join(f), relu.join(f)).unwrap();
+    }
+    let cfg = std::fs::read_to_string(relu.join("config.json")).unwrap().replace("gelu_new", "relu");
+    std::fs::write(relu.join("config.json"), cfg).unwrap();
+    assert_clean_error(&run(&["eval", "--model", relu.to_str().unwrap()]), "activation_function");
+}

@@ -40,6 +40,10 @@ pub enum Command {
     Pretrain(PretrainArgs),
     /// Perplexity of a trained model on the real test (or validation) split.
     Eval(EvalArgs),
+    /// Continue prompts of your own with a trained model (streamed for one prompt, JSONL for many).
+    Generate(GenerateArgs),
+    /// Write a model directory in another format (`--format hf`: a transformers GPT-2 directory).
+    Export(ExportArgs),
     /// The interpolated Kneser–Ney word bigram (and a unigram): the reference a GPT must beat.
     Baseline(BaselineArgs),
     /// The recursion lab: train generation 0 on real data, sample, retrain, measure, repeat.
@@ -173,11 +177,74 @@ pub struct EvalArgs {
     /// Evaluate only the first N lines of the split (default: the model's data.eval_lines; 0 = all)
     #[arg(long)]
     pub lines: Option<usize>,
+    /// Predicted tokens per evaluation block (default: the model's data.block_size; 64 for a
+    /// Hugging Face model)
+    #[arg(long)]
+    pub block_size: Option<usize>,
     /// Print one JSON object
     #[arg(long)]
     pub json: bool,
     #[command(flatten)]
     pub common: Common,
+}
+
+#[derive(Debug, Args)]
+pub struct GenerateArgs {
+    /// A model directory (the lab's, or a Hugging Face GPT-2 directory)
+    #[arg(long, value_name = "DIR", required_unless_present = "run", conflicts_with = "run")]
+    pub model: Option<PathBuf>,
+    /// A run directory: use the model of --generation G
+    #[arg(long, value_name = "RUN", requires = "generation")]
+    pub run: Option<PathBuf>,
+    /// With --run: which generation's model
+    #[arg(long, short)]
+    pub generation: Option<usize>,
+    /// The prompt (its text continues; it is preceded by the end-of-text token)
+    #[arg(long, required_unless_present = "prompts", conflicts_with = "prompts")]
+    pub prompt: Option<String>,
+    /// A file of prompts, one per line (or .jsonl with a "text" field); the output is JSONL
+    #[arg(long, value_name = "FILE")]
+    pub prompts: Option<PathBuf>,
+    /// New tokens per prompt
+    #[arg(long, default_value_t = 64)]
+    pub max_new_tokens: usize,
+    /// Sampling temperature, 0 = greedy
+    #[arg(long, default_value_t = 1.0, allow_negative_numbers = true)]
+    pub temperature: f32,
+    /// Keep the k most probable tokens, 0 = off
+    #[arg(long, default_value_t = 0)]
+    pub top_k: usize,
+    /// Nucleus sampling threshold in (0, 1], 1 = off
+    #[arg(long, default_value_t = 1.0, allow_negative_numbers = true)]
+    pub top_p: f32,
+    /// Penalty on tokens already in the context, 1 = off
+    #[arg(long, default_value_t = 1.0, allow_negative_numbers = true)]
+    pub repetition_penalty: f32,
+    /// Beam search of this width instead of sampling (0 = off)
+    #[arg(long, default_value_t = 0)]
+    pub beam: usize,
+    /// Prompt i is sampled from the stream of (seed, i)
+    #[arg(long, default_value_t = 0)]
+    pub seed: u64,
+    /// cpu, cuda, cuda:N, or auto
+    #[arg(long, default_value = "cpu")]
+    pub device: String,
+}
+
+#[derive(Debug, Clone, Copy, clap::ValueEnum)]
+pub enum ExportFormat {
+    /// A transformers GPT2LMHeadModel directory (config.json, model.safetensors, tokenizer files)
+    Hf,
+}
+
+#[derive(Debug, Args)]
+pub struct ExportArgs {
+    #[arg(long, value_enum, default_value = "hf")]
+    pub format: ExportFormat,
+    /// The lab model directory to export
+    pub model: PathBuf,
+    /// The directory to write (new, empty, or a previous export)
+    pub out: PathBuf,
 }
 
 #[derive(Debug, Args)]
@@ -427,6 +494,8 @@ pub fn run(cli: Cli) -> Result<()> {
         Command::Train(a) => train_cmd(a),
         Command::Pretrain(a) => pretrain(a),
         Command::Eval(a) => eval(a),
+        Command::Generate(a) => generate(a),
+        Command::Export(a) => export(a),
         Command::Baseline(a) => baseline(a),
         Command::Bench(a) => bench(a),
         Command::Run(a) => run_cmd(a),
@@ -629,7 +698,18 @@ fn pretrain(a: PretrainArgs) -> Result<()> {
 fn eval(a: EvalArgs) -> Result<()> {
     let engine = engine(&a.common.device)?;
     let loaded = checkpoint::load_model_dir(&a.model, &engine)?;
-    let cfg = &loaded.info.config;
+    let mut cfg = loaded.eval_config();
+    if let Some(b) = a.block_size {
+        cfg.data.block_size = b;
+    }
+    let ctx = loaded.model.cfg().ctx;
+    if cfg.data.block_size == 0 || cfg.data.block_size > ctx {
+        return usage(format!(
+            "--block-size must be in [1, {ctx}] (the model's context), got {}",
+            cfg.data.block_size
+        ));
+    }
+    let cfg = &cfg;
     let limit = a.lines.unwrap_or(cfg.data.eval_lines);
     let corpus = a.common.corpus(cfg.data.split_ratio)?;
     let lines = corpus.head(a.split, limit);
@@ -672,6 +752,140 @@ fn eval(a: EvalArgs) -> Result<()> {
             uni.ppl
         );
     }
+    Ok(())
+}
+
+/// The seed of prompt `i` of a `generate` call seeded with `seed`.
+pub fn generate_seed(seed: u64, i: usize) -> u64 {
+    recursion::derive_seed(seed, i, "generate")
+}
+
+fn generate(a: GenerateArgs) -> Result<()> {
+    use crate::config::SamplerSettings;
+    use crate::sample::{generate, generate_streaming, Decoding};
+    use std::io::Write;
+    let sampler = SamplerSettings {
+        temperature: a.temperature,
+        top_k: a.top_k,
+        top_p: a.top_p,
+        repetition_penalty: a.repetition_penalty,
+    };
+    sampler.validate().map_err(UsageError)?;
+    let dir = match (&a.model, &a.run) {
+        (Some(dir), _) => dir.clone(),
+        (None, Some(run)) => {
+            let state = load_state(run)?;
+            let g = a.generation.expect("clap requires --generation with --run");
+            if g >= state.generations.len() {
+                return usage(format!(
+                    "--generation {g}: the run has generations 0 to {}",
+                    state.generations.len() - 1
+                ));
+            }
+            run_dir::gen_dir(run, g)
+        }
+        (None, None) => unreachable!("clap requires --model or --run"),
+    };
+    let texts: Vec<String> = match (&a.prompt, &a.prompts) {
+        (Some(p), _) => vec![p.clone()],
+        (None, Some(file)) => data::read_text_lines(file)?,
+        (None, None) => unreachable!("clap requires --prompt or --prompts"),
+    };
+    let engine = engine(&a.device)?;
+    let loaded = checkpoint::load_model_dir(&dir, &engine)?;
+    let (tok, model) = (&loaded.tokenizer, &loaded.model);
+    let ctx = model.cfg().ctx;
+    if a.max_new_tokens == 0 {
+        return usage("--max-new-tokens must be at least 1");
+    }
+    if a.beam > crate::config::limits::BEAM.min(model.cfg().vocab_size) {
+        return usage(format!(
+            "--beam must be at most {}",
+            crate::config::limits::BEAM.min(model.cfg().vocab_size)
+        ));
+    }
+    let mut prompts = Vec::with_capacity(texts.len());
+    for (i, text) in texts.iter().enumerate() {
+        let ids = [vec![tok.eot], tok.encode(text)?].concat();
+        if ids.len() + a.max_new_tokens - 1 > ctx {
+            return usage(format!(
+                "prompt {}: {} tokens plus --max-new-tokens {} exceed the model's context of {ctx} tokens",
+                i + 1,
+                ids.len(),
+                a.max_new_tokens
+            ));
+        }
+        prompts.push(ids);
+    }
+    let decoding = Decoding { sampler, beam: a.beam };
+    if prompts.len() == 1 && a.beam <= 1 {
+        // One prompt: stream the text as the tokens come.
+        let mut out = std::io::stdout().lock();
+        let (mut shown, mut ids) = (String::new(), Vec::new());
+        write!(out, "{}", texts[0])?;
+        let new = generate_streaming(
+            model,
+            &prompts[0],
+            a.max_new_tokens,
+            &sampler,
+            generate_seed(a.seed, 0),
+            &mut |t| {
+                ids.push(t);
+                let text = tok.decode(&ids);
+                if text.len() > shown.len() && text.starts_with(&shown) {
+                    let _ =
+                        write!(out, "{}{}", if shown.is_empty() { " " } else { "" }, &text[shown.len()..]);
+                    let _ = out.flush();
+                    shown = text;
+                }
+            },
+        )?;
+        let text = tok.decode(&new);
+        if text.len() > shown.len() {
+            write!(out, "{}", &text[shown.len()..])?;
+        }
+        writeln!(out)?;
+        return Ok(());
+    }
+    // Many prompts: one JSON line each, batched by prompt length.
+    let mut order: Vec<usize> = (0..prompts.len()).collect();
+    order.sort_by_key(|&i| prompts[i].len());
+    let mut results: Vec<Vec<u32>> = vec![Vec::new(); prompts.len()];
+    for group in order.chunk_by(|&x, &y| prompts[x].len() == prompts[y].len()) {
+        for chunk in group.chunks(64) {
+            let refs: Vec<&[u32]> = chunk.iter().map(|&i| prompts[i].as_slice()).collect();
+            let seeds: Vec<u64> = chunk.iter().map(|&i| generate_seed(a.seed, i)).collect();
+            for (&i, out) in chunk.iter().zip(generate(model, &refs, a.max_new_tokens, &decoding, &seeds)?) {
+                results[i] = out;
+            }
+        }
+    }
+    let mut out = std::io::stdout().lock();
+    for (i, tokens) in results.iter().enumerate() {
+        let line = json!({"id": i, "prompt": texts[i], "text": tok.decode(tokens), "tokens": tokens, "seed": generate_seed(a.seed, i)});
+        writeln!(out, "{line}")?;
+    }
+    Ok(())
+}
+
+fn export(a: ExportArgs) -> Result<()> {
+    let ExportFormat::Hf = a.format;
+    let loaded = checkpoint::load_model_dir(&a.model, &engine("cpu")?)?;
+    let cfg = loaded.model.cfg();
+    let tensors = crate::hf::tensors(cfg, &loaded.weights)?;
+    crate::hf::export(
+        cfg,
+        &tensors,
+        loaded.tokenizer.json(),
+        loaded.tokenizer.eot,
+        loaded.tokenizer.unk(),
+        &a.out,
+    )?;
+    println!(
+        "wrote {} (transformers GPT2LMHeadModel: from_pretrained(\"{}\"))",
+        a.out.display(),
+        a.out.display()
+    );
     Ok(())
 }
 
@@ -769,15 +983,14 @@ fn run_cmd(a: RunArgs) -> Result<()> {
             Path::new("checkpoints").join(format!("{}-{regime}-seed{}", cfg.preset, cfg.seed))
         }
     };
-    let opts =
-        RunOptions {
-            out,
-            data: a.common.data.clone(),
-            quiet: a.quiet,
-            engine: engine(&a.common.device)?,
-            base: a.base.base.clone(),
-            base_cache: a.base.base_cache.clone(),
-        };
+    let opts = RunOptions {
+        out,
+        data: a.common.data.clone(),
+        quiet: a.quiet,
+        engine: engine(&a.common.device)?,
+        base: a.base.base.clone(),
+        base_cache: a.base.base_cache.clone(),
+    };
     let done = recursion::start_run(cfg, &opts, a.force, table::observer(a.quiet).as_mut())?;
     crate::report::write_report(&opts.out)?;
     drop(done.lock);

@@ -191,7 +191,9 @@ impl Reference {
     /// The same reference, with `words` (e.g. every word of the whole train split) also counted as
     /// real words by `nonword_rate`.
     pub fn knowing<S: AsRef<str>>(mut self, words: &[S]) -> Self {
-        self.known.extend(words.iter().map(|w| w.as_ref()).filter(|w| !self.vocab.contains_key(*w)).map(String::from));
+        self.known.extend(
+            words.iter().map(|w| w.as_ref()).filter(|w| !self.vocab.contains_key(*w)).map(String::from),
+        );
         self
     }
 
@@ -275,7 +277,10 @@ pub fn corpus_metrics<S: AsRef<str>>(
         unigram_js: jensen_shannon_bits(&reference.unigram_counts, &counts),
         zipf_alpha: zipf_alpha(&frequencies),
         unigram_entropy: entropy_bits(&counts),
-        nonword_rate: ratio(corpus_words[..n].iter().filter(|w| !reference.is_word(w.as_ref())).count() as u64, n as u64),
+        nonword_rate: ratio(
+            corpus_words[..n].iter().filter(|w| !reference.is_word(w.as_ref())).count() as u64,
+            n as u64,
+        ),
     }
 }
 

@@ -123,7 +123,8 @@ mod tests {
     #[test]
     fn per_sequence_perplexity_is_the_exp_of_the_mean_nll() {
         let cfg = ModelConfig { vocab_size: 13, ctx: 8, d_model: 8, n_layer: 1, n_head: 2, dropout: 0.0 };
-        let model = Model::Fast(fast::Model::new(crate::model::ops::Compute::fp32(), &cfg, &init_weights(&cfg, 3)));
+        let model =
+            Model::Fast(fast::Model::new(crate::model::ops::Compute::fp32(), &cfg, &init_weights(&cfg, 3)));
         let seq: &[u32] = &[3, 4, 5];
         let ppl = sequence_ppls(&model, &[seq], 0).unwrap()[0];
         let nll = sequence_nlls(&mut model.scorer(), &[&[0, 3, 4, 5]], 1).unwrap().remove(0);

@@ -7,8 +7,8 @@ use super::candle::{self as reference, AdamW, Dropout, Gpt, KvCache};
 use super::fast;
 use super::ops::Compute;
 use super::{ModelConfig, Weights};
-use crate::kernels::{Kernels, Precision};
 use crate::config::TrainConfig;
+use crate::kernels::{Kernels, Precision};
 use anyhow::{bail, Result};
 use candle_core::{Device, Tensor};
 use rand::SeedableRng;
@@ -54,9 +54,9 @@ impl Engine {
                 }
                 Ok(Engine::Fast(Compute { kernels, precision }))
             }
-            Engine::Candle(_) if precision == Precision::Bf16 => {
-                crate::config::usage("train.precision = bf16 runs on the fast CPU engine only (use fp32 with --device cuda)")
-            }
+            Engine::Candle(_) if precision == Precision::Bf16 => crate::config::usage(
+                "train.precision = bf16 runs on the fast CPU engine only (use fp32 with --device cuda)",
+            ),
             candle => Ok(candle),
         }
     }
@@ -77,7 +77,9 @@ impl Engine {
     /// The kernels and precision of the fast engine (what `bench` prints).
     pub fn describe(&self) -> String {
         match self {
-            Engine::Fast(c) => format!("fast engine, {}, training in {:?}", c.kernels.describe(), c.precision),
+            Engine::Fast(c) => {
+                format!("fast engine, {}, training in {:?}", c.kernels.describe(), c.precision)
+            }
             Engine::Candle(d) => format!("candle on {d:?}"),
         }
     }

@@ -16,8 +16,8 @@ use super::ops::{
     add, attention, attention_backward, gelu_backward, gelu_forward, last_rows, layernorm_backward,
     layernorm_forward, linear, matmul_backward, matmul_forward, max, sum, Compute, KvLayout,
 };
-use crate::kernels::PackedWeights;
 use super::{describe, flat_layout, split, split_mut, Block, ModelConfig, Params, Weights};
+use crate::kernels::PackedWeights;
 use rayon::prelude::*;
 use std::ops::Range;
 
@@ -250,21 +250,23 @@ fn forward_sequences(
         matmul_forward(cp, logits, lnf, w.wte, None, rows, c, v);
         let (tgt, losses) = (&targets[r0..r0 + rows], &mut a.losses[r0..r0 + rows]);
         // Fused softmax + cross-entropy; the logits become d(mean loss)/d(logits).
-        logits.par_chunks_mut(v).zip(losses.par_iter_mut()).zip(tgt.par_iter()).for_each(|((x, loss), &target)| {
-            let m = max(x);
-            let target = target as usize;
-            let logit = x[target];
-            for y in x.iter_mut() {
-                *y = super::ops::fast_exp(*y - m);
-            }
-            let total = sum(x);
-            let inv = 1.0 / total;
-            *loss = m + total.ln() - logit; // −log softmax, finite even when the target's probability underflows
-            for y in x.iter_mut() {
-                *y *= inv * inv_n;
-            }
-            x[target] -= inv_n;
-        });
+        logits.par_chunks_mut(v).zip(losses.par_iter_mut()).zip(tgt.par_iter()).for_each(
+            |((x, loss), &target)| {
+                let m = max(x);
+                let target = target as usize;
+                let logit = x[target];
+                for y in x.iter_mut() {
+                    *y = super::ops::fast_exp(*y - m);
+                }
+                let total = sum(x);
+                let inv = 1.0 / total;
+                *loss = m + total.ln() - logit; // −log softmax, finite even when the target's probability underflows
+                for y in x.iter_mut() {
+                    *y *= inv * inv_n;
+                }
+                x[target] -= inv_n;
+            },
+        );
         if let Some(gw) = head_grad.as_deref_mut() {
             let d_lnf = &mut a.d_c[r0 * c..(r0 + rows) * c];
             matmul_backward(cp, d_lnf, gw, None, logits, lnf, w.wte, rows, c, v);
@@ -280,7 +282,14 @@ fn head_chunk(vocab: usize, rows: usize) -> usize {
 }
 
 /// Backward of [`forward_sequences`]: accumulates every gradient into `g` (zeroed by the caller).
-fn backward(cp: Compute, cfg: &ModelConfig, w: &Params<&[f32]>, g: &mut Params<&mut [f32]>, a: &mut Acts, inputs: &[u32]) {
+fn backward(
+    cp: Compute,
+    cfg: &ModelConfig,
+    w: &Params<&[f32]>,
+    g: &mut Params<&mut [f32]>,
+    a: &mut Acts,
+    inputs: &[u32],
+) {
     let (b, t, c, h) = (a.b, a.t, cfg.d_model, cfg.n_head);
     let bt = b * t;
     // The LM head (tied) was differentiated with the loss: a.d_c holds d lnf, g.wte its part.
@@ -319,7 +328,18 @@ fn backward(cp: Compute, cfg: &ModelConfig, w: &Params<&[f32]>, g: &mut Params<&
             c,
         );
         gelu_backward(&mut a.d_4c, &lr.fch);
-        matmul_backward(cp, &mut a.d_c, gfc.weight, Some(gfc.bias), &a.d_4c, &lr.ln2, fc.weight, bt, c, 4 * c);
+        matmul_backward(
+            cp,
+            &mut a.d_c,
+            gfc.weight,
+            Some(gfc.bias),
+            &a.d_4c,
+            &lr.ln2,
+            fc.weight,
+            bt,
+            c,
+            4 * c,
+        );
         let (ln2, gln2) = (&p.ln_2, &mut gp.ln_2);
         let (m2, r2) = (&lr.ln2_mean, &lr.ln2_rstd);
         layernorm_backward(&mut a.d_res, gln2.weight, gln2.bias, &a.d_c, &lr.res2, ln2.weight, m2, r2, c);
@@ -339,7 +359,18 @@ fn backward(cp: Compute, cfg: &ModelConfig, w: &Params<&[f32]>, g: &mut Params<&
         );
         attention_backward(cp.kernels, &mut a.d_3c, &mut a.d_att, &a.d_c, &lq.qkv, &lr.att, b, t, c, h);
         let (qkv, gqkv) = (&p.attn.c_attn, &mut gp.attn.c_attn);
-        matmul_backward(cp, &mut a.d_c, gqkv.weight, Some(gqkv.bias), &a.d_3c, &lq.ln1, qkv.weight, bt, c, 3 * c);
+        matmul_backward(
+            cp,
+            &mut a.d_c,
+            gqkv.weight,
+            Some(gqkv.bias),
+            &a.d_3c,
+            &lq.ln1,
+            qkv.weight,
+            bt,
+            c,
+            3 * c,
+        );
         let (ln1, gln1) = (&p.ln_1, &mut gp.ln_1);
         let (m1, r1) = (&lq.ln1_mean, &lq.ln1_rstd);
         layernorm_backward(&mut a.d_res, gln1.weight, gln1.bias, &a.d_c, input, ln1.weight, m1, r1, c);
@@ -627,7 +658,8 @@ impl<'a> Decoder<'a> {
                 tmp.truncate(rows * c);
                 // SAFETY: kv points into this layer's cache, valid for rows × H × (pos0 + t).
                 unsafe {
-                    block_rest(cp, 
+                    block_rest(
+                        cp,
                         p,
                         pk,
                         &mut last.r,
@@ -644,7 +676,19 @@ impl<'a> Decoder<'a> {
             } else {
                 // SAFETY: as above.
                 unsafe {
-                    block_rest(cp, p, pk, &mut la.r, &mut tmp, &x, &la.q.qkv, kv, false, (rows, t, pos0), (c, h))
+                    block_rest(
+                        cp,
+                        p,
+                        pk,
+                        &mut la.r,
+                        &mut tmp,
+                        &x,
+                        &la.q.qkv,
+                        kv,
+                        false,
+                        (rows, t, pos0),
+                        (c, h),
+                    )
                 };
                 std::mem::swap(&mut x, &mut la.r.res3);
             }

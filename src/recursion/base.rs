@@ -86,7 +86,14 @@ pub fn pretraining_text<'a>(cfg: &Config, corpus: &'a Corpus) -> Result<(usize, 
 }
 
 /// The spec of the base a run with settings `cfg` needs.
-pub fn spec(cfg: &Config, model: &ModelConfig, tok: &Tokenizer, text: &[String], valid: &[String], engine: &Engine) -> BaseSpec {
+pub fn spec(
+    cfg: &Config,
+    model: &ModelConfig,
+    tok: &Tokenizer,
+    text: &[String],
+    valid: &[String],
+    engine: &Engine,
+) -> BaseSpec {
     BaseSpec {
         format: BASE_FORMAT,
         model: model.clone(),
@@ -134,14 +141,21 @@ pub fn ensure(p: &Pretraining, cache: &Path, engine: &Engine, quiet: bool) -> Re
         }
     }
     // What a killed pretraining left behind is stale: we hold this base's lock.
-    for entry in std::fs::read_dir(cache).with_context(|| format!("cannot list {}", cache.display()))?.flatten() {
+    for entry in
+        std::fs::read_dir(cache).with_context(|| format!("cannot list {}", cache.display()))?.flatten()
+    {
         let name = entry.file_name().to_string_lossy().into_owned();
         if name.starts_with(&format!(".{key}.tmp-")) {
             std::fs::remove_dir_all(entry.path()).with_context(|| format!("cannot remove {name}"))?;
         }
     }
     if !quiet {
-        eprintln!("base: pretraining {} ({} lines of {} after the real data)", dir.display(), p.text.len(), p.corpus.source.name);
+        eprintln!(
+            "base: pretraining {} ({} lines of {} after the real data)",
+            dir.display(),
+            p.text.len(),
+            p.corpus.source.name
+        );
     }
     let tmp = cache.join(format!(".{key}.tmp-{}", std::process::id()));
     create_dir(&tmp)?;
@@ -172,14 +186,22 @@ pub fn ensure(p: &Pretraining, cache: &Path, engine: &Engine, quiet: bool) -> Re
         weights_sha256: sha.clone(),
     };
     write_json(&tmp.join(BASE_JSON), &record)?;
-    std::fs::rename(&tmp, &dir).with_context(|| format!("cannot move the new base into {}", dir.display()))?;
+    std::fs::rename(&tmp, &dir)
+        .with_context(|| format!("cannot move the new base into {}", dir.display()))?;
     let weights = load_weights(model, &dir.join(checkpoint::WEIGHTS))?;
     Ok(Base { dir, weights, weights_sha256: sha, pretrained_now: true })
 }
 
 /// The base a run with settings `cfg` needs, on `corpus` with the run's tokenizer `tok`: from the
 /// cache in `cache`, or pretrained into it.
-pub fn for_run(cfg: &Config, corpus: &Corpus, tok: &Tokenizer, engine: &Engine, cache: &Path, quiet: bool) -> Result<Base> {
+pub fn for_run(
+    cfg: &Config,
+    corpus: &Corpus,
+    tok: &Tokenizer,
+    engine: &Engine,
+    cache: &Path,
+    quiet: bool,
+) -> Result<Base> {
     let model = ModelConfig { vocab_size: tok.vocab_size(), ..cfg.model.clone() };
     let (first_line, text) = pretraining_text(cfg, corpus)?;
     let valid = corpus.head(Split::Valid, cfg.data.eval_lines);
@@ -197,7 +219,11 @@ fn check_cached(dir: &Path, spec: &BaseSpec) -> Result<(Weights, String)> {
     }
     let sha = sha256_file(&dir.join(checkpoint::WEIGHTS))?;
     if sha != record.weights_sha256 {
-        bail!("model.safetensors has sha256 {}, base.json recorded {}", &sha[..12], &record.weights_sha256[..12]);
+        bail!(
+            "model.safetensors has sha256 {}, base.json recorded {}",
+            &sha[..12],
+            &record.weights_sha256[..12]
+        );
     }
     Ok((load_weights(&spec.model, &dir.join(checkpoint::WEIGHTS))?, sha))
 }
@@ -205,9 +231,11 @@ fn check_cached(dir: &Path, spec: &BaseSpec) -> Result<(Weights, String)> {
 /// A base given by the user (`--base DIR`): a model directory of the lab whose architecture and
 /// tokenizer are the run's. Returns its tokenizer, weights and the sha256 of its weights.
 pub fn load_given(dir: &Path, cfg: &Config) -> Result<(Tokenizer, ModelConfig, Weights, String)> {
-    let info = checkpoint::read_info(dir).with_context(|| format!("--base {}", dir.display()))?;
-    let tok = Tokenizer::load(&dir.join(checkpoint::TOKENIZER))?;
-    let model = info.model.clone();
+    // A Hugging Face GPT-2 directory is converted exactly (or refused); a lab directory read.
+    let loaded = checkpoint::load_model_dir(dir, &Engine::Fast(crate::model::ops::Compute::fp32()))
+        .with_context(|| format!("--base {}", dir.display()))?;
+    let tok = loaded.tokenizer;
+    let model = loaded.model.cfg().clone();
     let want = ModelConfig { vocab_size: model.vocab_size, ..cfg.model.clone() };
     if model != want || (cfg.model.vocab_size != 0 && cfg.model.vocab_size != model.vocab_size) {
         return crate::config::usage(format!(
@@ -227,6 +255,55 @@ pub fn load_given(dir: &Path, cfg: &Config) -> Result<(Tokenizer, ModelConfig, W
         ));
     }
     let path = dir.join(checkpoint::WEIGHTS);
-    let weights = load_weights(&model, &path)?;
-    Ok((tok, model, weights, sha256_file(&path)?))
+    Ok((tok, model, loaded.weights, sha256_file(&path)?))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn spec() -> BaseSpec {
+        let cfg = Config::preset("smoke").unwrap();
+        BaseSpec {
+            format: BASE_FORMAT,
+            model: cfg.model.clone(),
+            train: cfg.train.clone(),
+            block_size: 16,
+            seed: 0,
+            tokenizer_sha256: "a".repeat(64),
+            text_sha256: "b".repeat(64),
+            valid_sha256: "c".repeat(64),
+            precision: "fast-fp32".into(),
+        }
+    }
+
+    /// Every setting that determines a base's bytes changes its key; the same spec keeps it.
+    #[test]
+    fn any_setting_that_determines_the_base_changes_its_key() {
+        let key = spec().key();
+        assert_eq!(key, spec().key());
+        assert_eq!(key.len(), 16);
+        let changes: Vec<Box<dyn Fn(&mut BaseSpec)>> = vec![
+            Box::new(|s| s.format += 1),
+            Box::new(|s| s.model.d_model = 64),
+            Box::new(|s| s.model.vocab_size += 1),
+            Box::new(|s| s.model.n_layer = 3),
+            Box::new(|s| s.model.ctx = 64),
+            Box::new(|s| s.train.lr *= 2.0),
+            Box::new(|s| s.train.epochs = 3.0),
+            Box::new(|s| s.train.batch_size = 4),
+            Box::new(|s| s.train.max_steps = 41),
+            Box::new(|s| s.block_size = 8),
+            Box::new(|s| s.seed = 1),
+            Box::new(|s| s.tokenizer_sha256 = "d".repeat(64)),
+            Box::new(|s| s.text_sha256 = "d".repeat(64)),
+            Box::new(|s| s.valid_sha256 = "d".repeat(64)),
+            Box::new(|s| s.precision = "fast-bf16".into()),
+        ];
+        for (i, change) in changes.iter().enumerate() {
+            let mut s = spec();
+            change(&mut s);
+            assert_ne!(s.key(), key, "change {i} kept the key");
+        }
+    }
 }

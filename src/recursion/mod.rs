@@ -118,7 +118,9 @@ pub fn start_run(cfg: Config, opts: &RunOptions, force: bool, obs: &mut dyn Obse
     let uses_base = cfg.recursion.init == InitMode::Base;
     let given = match (&opts.base, uses_base) {
         (Some(dir), true) => Some(base::load_given(dir, &cfg)?),
-        (Some(_), false) => return crate::config::usage("--base needs --init base (recursion.init = \"base\")"),
+        (Some(_), false) => {
+            return crate::config::usage("--base needs --init base (recursion.init = \"base\")")
+        }
         _ => None,
     };
     let tok = match &given {
@@ -128,16 +130,17 @@ pub fn start_run(cfg: Config, opts: &RunOptions, force: bool, obs: &mut dyn Obse
     let mut lab = Lab::new(cfg, &corpus, tok, opts)?;
     // The base, found, given or pretrained, before the run directory is touched.
     let base_record = if uses_base {
-        let (dir, weights, sha) = match given {
-            Some((_, _, weights, sha)) => (opts.base.clone().expect("given"), weights, sha),
+        let (dir, weights, sha, pretrained) = match given {
+            Some((_, _, weights, sha)) => (opts.base.clone().expect("given"), weights, sha, false),
             None => {
-                let b = base::for_run(&lab.cfg, &corpus, &lab.tok, &lab.engine, &opts.base_cache, opts.quiet)?;
-                (b.dir, b.weights, b.weights_sha256)
+                let b =
+                    base::for_run(&lab.cfg, &corpus, &lab.tok, &lab.engine, &opts.base_cache, opts.quiet)?;
+                (b.dir, b.weights, b.weights_sha256, b.pretrained_now)
             }
         };
         let dir = dir.canonicalize().unwrap_or(dir);
         lab.base = Some((weights, sha.clone()));
-        Some(run_dir::BaseRecord { dir, weights_sha256: sha })
+        Some(run_dir::BaseRecord { dir, weights_sha256: sha, pretrained_by_this_run: pretrained })
     } else {
         None
     };
@@ -242,8 +245,8 @@ pub fn continue_run(opts: &RunOptions, generations: Option<usize>, obs: &mut dyn
     let mut lab = Lab::new(state.config.clone(), &corpus, tok, opts)?;
     if let Some(rec) = &state.base {
         let dir = opts.base.clone().unwrap_or_else(|| rec.dir.clone());
-        let path = dir.join(checkpoint::WEIGHTS);
-        let sha = sha256_file(&path).map_err(|e| anyhow::anyhow!("the run's base {}: {e:#}", dir.display()))?;
+        let (_, _, weights, sha) =
+            base::load_given(&dir, &state.config).map_err(|e| anyhow::anyhow!("the run's base: {e:#}"))?;
         if sha != rec.weights_sha256 {
             bail!(
                 "the run's base {} changed: model.safetensors has sha256 {}, the run recorded {} \
@@ -253,7 +256,7 @@ pub fn continue_run(opts: &RunOptions, generations: Option<usize>, obs: &mut dyn
                 &rec.weights_sha256[..12]
             );
         }
-        lab.base = Some((load_weights(&lab.mcfg, &path)?, sha));
+        lab.base = Some((weights, sha));
     }
     let rows = verify::verify(&opts.out, &mut state)?;
     if state.is_complete() && !changed {
@@ -295,7 +298,8 @@ impl<'a> Lab<'a> {
         let test_lines = corpus.head(Split::Test, cfg.data.eval_lines).to_vec();
         let words: Vec<&str> = train_lines.iter().flat_map(|l| l.split_whitespace()).collect();
         // Non-words are words of no part of the train split (the run's share of it is `words`).
-        let all_train: Vec<&str> = corpus.lines(Split::Train).iter().flat_map(|l| l.split_whitespace()).collect();
+        let all_train: Vec<&str> =
+            corpus.lines(Split::Train).iter().flat_map(|l| l.split_whitespace()).collect();
         let reference = Reference::new(&words).knowing(&all_train);
         let count = |w: &str| reference.word_count(w);
         let valid = EvalSet::new(&tok, valid_lines, count)?;
@@ -500,7 +504,13 @@ impl<'a> Lab<'a> {
     }
 
     /// Generation g's corpus: a continuation of every prompt block, or free samples.
-    fn sample_generation(&self, g: usize, model: &Model, gen0: &Model, set: &TrainingSet) -> Result<Vec<CorpusRecord>> {
+    fn sample_generation(
+        &self,
+        g: usize,
+        model: &Model,
+        gen0: &Model,
+        set: &TrainingSet,
+    ) -> Result<Vec<CorpusRecord>> {
         let parent = format!("gen-{g:02}/{}", checkpoint::WEIGHTS);
         self.sample_corpus(&format!("gen {g}"), g, "sample", model, gen0, &set.prompts, parent)
     }
@@ -613,10 +623,13 @@ impl<'a> Lab<'a> {
     fn measure(&self, id: RowId, model: &Model, records: &[CorpusRecord], state: &RunState) -> Result<Row> {
         let block = self.cfg.data.block_size;
         let test = split_perplexity(model, &self.test, block)?;
-        crate::fault::point(&format!("measure:{}", match id {
-            RowId::Generation(g) => format!("gen {g}"),
-            other => other.label(),
-        }));
+        crate::fault::point(&format!(
+            "measure:{}",
+            match id {
+                RowId::Generation(g) => format!("gen {g}"),
+                other => other.label(),
+            }
+        ));
         let valid = split_perplexity(model, &self.valid, block)?;
         let mut row = Row::new(id);
         row.set(Metric::TestPpl, test.ppl);
@@ -640,7 +653,8 @@ impl<'a> Lab<'a> {
         let (weights, sha) = self.base.as_ref().expect("a run with a base has it loaded");
         let model = self.engine.load(&self.mcfg, weights)?;
         let parent = format!("base {}", &sha[..12]);
-        let records = self.sample_corpus("base", 0, "base-sample", &model, gen0, &self.real_blocks, parent)?;
+        let records =
+            self.sample_corpus("base", 0, "base-sample", &model, gen0, &self.real_blocks, parent)?;
         let dir = self.opts.out.join("base");
         create_dir(&dir)?;
         write_corpus(&dir.join(CORPUS), &records)?;

@@ -101,6 +101,9 @@ pub struct BaseRecord {
     pub dir: PathBuf,
     /// sha256 of its `model.safetensors`: `resume` refuses a base whose bytes changed.
     pub weights_sha256: String,
+    /// Whether this run pretrained it (false: found in the cache, or given with --base).
+    #[serde(default)]
+    pub pretrained_by_this_run: bool,
 }
 
 /// `run.json`: the resolved settings and what is complete. The source of truth for `resume`.
