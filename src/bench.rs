@@ -11,6 +11,10 @@ use rand_chacha::ChaCha8Rng;
 use serde::Serialize;
 use std::time::Instant;
 
+/// The word tokenizer's vocabulary on wikitext-2's train split (every word type, `<unk>` and the
+/// end-of-text token).
+pub const WIKITEXT2_WORDS: usize = 33_278;
+
 /// A benchmark shape: the model and the batch.
 #[derive(Debug, Clone, Serialize)]
 pub struct BenchShape {
@@ -34,9 +38,11 @@ pub fn shape(name: &str) -> Result<BenchShape> {
         "B" | "b" => BenchShape { name: "B".into(), model: m(4096, 64, 128, 2, 4), batch: 32 },
         preset => {
             let c = Config::preset(preset)?;
+            // A word-level preset (vocabulary 0 = every word type) has wikitext-2's 33,278 tokens.
+            let vocab_size = if c.model.vocab_size == 0 { WIKITEXT2_WORDS } else { c.model.vocab_size };
             BenchShape {
                 name: preset.into(),
-                model: ModelConfig { dropout: 0.0, ..c.model },
+                model: ModelConfig { dropout: 0.0, vocab_size, ..c.model },
                 batch: c.train.batch_size,
             }
         }

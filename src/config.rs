@@ -204,6 +204,8 @@ pub struct FinetuneConfig {
     /// The cosine schedule decays to this learning rate.
     pub min_lr: f64,
     pub warmup_steps: usize,
+    /// Evaluate on the validation split every N steps (and at the end) to select the checkpoint.
+    pub eval_interval: usize,
 }
 
 /// The base model that `recursion.init = base` fine-tunes every generation from: the run's
@@ -393,7 +395,8 @@ impl Config {
             batch_size: 64,
         };
         let bpe = TokenizerConfig { kind: TokenizerKind::Bpe, corpus: TokenizerCorpus::Real };
-        let finetune = FinetuneConfig { epochs: 1.0, lr: 1e-3, min_lr: 1e-4, warmup_steps: 20 };
+        let finetune =
+            FinetuneConfig { epochs: 1.0, lr: 1e-3, min_lr: 1e-4, warmup_steps: 20, eval_interval: 50 };
         let based = BaseConfig { lines: 0, seed: 0 };
         let recursion = RecursionConfig {
             generations: 5,
@@ -470,7 +473,13 @@ impl Config {
                 seed: 0,
                 data: DataConfig { train_lines: 4000, eval_lines: 0, block_size: 64, split_ratio: SPLIT },
                 tokenizer: TokenizerConfig { kind: TokenizerKind::Word, corpus: TokenizerCorpus::Train },
-                finetune: FinetuneConfig { epochs: 1.0, lr: 1e-3, min_lr: 1e-4, warmup_steps: 20 },
+                finetune: FinetuneConfig {
+                    epochs: 1.0,
+                    lr: 1e-3,
+                    min_lr: 1e-4,
+                    warmup_steps: 20,
+                    eval_interval: 50,
+                },
                 base: based.clone(),
                 model: small(0, 128, 2, 4),
                 train: TrainConfig { epochs: 2.0, eval_interval: 250, ..base.clone() },
@@ -628,6 +637,7 @@ impl Config {
         let sizes = [
             ("train.batch_size", t.batch_size, 1, limits::BATCH),
             ("train.eval_interval", t.eval_interval, 1, limits::STEPS),
+            ("finetune.eval_interval", self.finetune.eval_interval, 1, limits::STEPS),
             ("train.max_steps", t.max_steps, 0, limits::STEPS),
             ("train.warmup_steps", t.warmup_steps, 0, limits::STEPS),
             ("data.block_size", self.data.block_size, 1, limits::CTX),
@@ -698,7 +708,7 @@ fn legacy_defaults() -> Value {
         "data": {"split_ratio": SPLIT},
         "tokenizer": {"kind": "bpe", "corpus": "real"},
         "train": {"precision": "fp32"},
-        "finetune": {"epochs": 1.0, "lr": 1e-3, "min_lr": 1e-4, "warmup_steps": 20},
+        "finetune": {"epochs": 1.0, "lr": 1e-3, "min_lr": 1e-4, "warmup_steps": 20, "eval_interval": 50},
         "base": {"lines": 0, "seed": 0},
     })
 }

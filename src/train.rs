@@ -30,6 +30,18 @@ pub struct TrainSummary {
     pub stopped_early: bool,
     pub wall_s: f64,
     pub tokens_per_s: f64,
+    /// At every evaluation: the step, the mean training loss since the previous evaluation, and
+    /// the validation loss (the loss curve).
+    #[serde(default)]
+    pub curve: Vec<CurvePoint>,
+}
+
+/// One point of a loss curve.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct CurvePoint {
+    pub step: usize,
+    pub train_loss: f64,
+    pub valid_loss: f64,
 }
 
 /// The learning rate at `step` (0-based): linear warmup to `lr`, then cosine decay to `min_lr`.
@@ -116,6 +128,7 @@ pub fn train(
     let started = Instant::now();
     let (mut best, mut best_step, mut since_best) = (f64::INFINITY, 0usize, 0usize);
     let (mut last_loss, mut stopped_early, mut steps) = (f64::NAN, false, 0usize);
+    let (mut curve, mut since_eval) = (Vec::new(), (0.0f64, 0usize));
     let tokens_per_step = (tc.batch_size * ctx) as u64;
 
     for step in 0..total {
@@ -140,6 +153,7 @@ pub fn train(
             );
         }
         last_loss = loss_value;
+        since_eval = (since_eval.0 + loss_value, since_eval.1 + 1);
         steps = step + 1;
         bar.inc(1);
         let tok_s = (steps as u64 * tokens_per_step) as f64 / started.elapsed().as_secs_f64();
@@ -148,6 +162,12 @@ pub fn train(
         if steps % tc.eval_interval == 0 || steps == total {
             let valid_loss =
                 stream_nats(&mut trainer.scorer(), valid, block, tc.eval_blocks, engine.is_gpu())?.mean();
+            curve.push(CurvePoint {
+                step: steps,
+                train_loss: since_eval.0 / since_eval.1.max(1) as f64,
+                valid_loss,
+            });
+            since_eval = (0.0, 0);
             if valid_loss < best {
                 (best, best_step, since_best) = (valid_loss, steps, 0);
                 save_weights(cfg, &trainer.weights()?, target.checkpoint)?;
@@ -176,6 +196,7 @@ pub fn train(
         stopped_early,
         wall_s,
         tokens_per_s: tokens_seen as f64 / wall_s,
+        curve,
     })
 }
 

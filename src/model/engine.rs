@@ -117,7 +117,8 @@ impl Engine {
     /// A model holding `weights`, ready for scoring and sampling.
     pub fn load(&self, cfg: &ModelConfig, weights: &Weights) -> Result<Model> {
         Ok(match self {
-            Engine::Fast(c) => Model::Fast(fast::Model::new(c.f32(), cfg, weights)),
+            // Sampling multiplies in the engine's precision; scoring is always f32.
+            Engine::Fast(c) => Model::Fast(fast::Model::new(*c, cfg, weights)),
             Engine::Candle(dev) => Model::Candle(Gpt::new(cfg, weights, dev)?),
         })
     }
@@ -187,7 +188,7 @@ impl Model {
     /// A KV-cache decoder for `rows` sequences that advance together.
     pub fn decoder(&self, rows: usize) -> Decoder<'_> {
         match self {
-            Model::Fast(m) => Decoder::Fast(m.decoder(rows)),
+            Model::Fast(m) => Decoder::Fast(Box::new(m.decoder(rows))),
             Model::Candle(m) => Decoder::Candle { model: m, cache: KvCache::new(m.cfg.n_layer) },
         }
     }
@@ -219,7 +220,7 @@ impl Scorer<'_> {
 
 /// Extends a batch of rows by some tokens and returns each row's next-token logits.
 pub enum Decoder<'a> {
-    Fast(fast::Decoder<'a>),
+    Fast(Box<fast::Decoder<'a>>),
     Candle { model: &'a Gpt, cache: KvCache },
 }
 

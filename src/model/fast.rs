@@ -746,6 +746,83 @@ mod tests {
         }
     }
 
+    /// The fast path's loss and gradients with every kernel this CPU has, against candle autograd
+    /// (f32): fp32 AVX2 and AVX-512 within the f32 tolerance above; bf16 (AMX, AVX512-BF16) within a
+    /// tolerance derived from its rounding. bf16 rounds each input of every product to 8
+    /// significant bits (relative error ≤ 2⁻⁹ each, so ≤ 2⁻⁸ per product), summed exactly in f32; a
+    /// gradient passes through at most four chained products here (head, two per block on the way
+    /// back), so its error stays within about 4 · 2⁻⁸ ≈ 1.6 % of its scale: each gradient tensor
+    /// must be within 4 % in relative L2 norm, and the loss within 0.5 %. A path the CPU lacks is
+    /// skipped with a printed reason.
+    #[test]
+    fn every_kernel_path_matches_candle_autograd() {
+        use crate::kernels::{Bf16Kernel, Fp32Kernel, Kernels, Precision};
+        let cfg = cfg();
+        let dev = Device::Cpu;
+        let w0 = init_weights(&cfg, 12);
+        let (model, vars) = Gpt::trainable(&cfg, &w0, &dev).unwrap();
+        let (b, t) = (4, 12);
+        let x: Vec<u32> = (0..b * t).map(|i| ((i * 7 + 3) % 37) as u32).collect();
+        let y: Vec<u32> = (0..b * t).map(|i| ((i * 5 + 1) % 37) as u32).collect();
+        let xt = Tensor::from_vec(x.clone(), (b, t), &dev).unwrap();
+        let yt = Tensor::from_vec(y.clone(), (b, t), &dev).unwrap();
+        let reference = loss(&model.forward(&xt, None).unwrap(), &yt).unwrap();
+        let grads = reference.backward().unwrap();
+        let ref_loss = reference.to_scalar::<f32>().unwrap();
+        let want: Vec<Vec<f32>> = vars
+            .iter()
+            .map(|(v, _)| grads.get(v.as_tensor()).unwrap().flatten_all().unwrap().to_vec1::<f32>().unwrap())
+            .collect();
+        let cases = [
+            ("fp32 avx2", "avx2", Precision::F32),
+            ("fp32 avx512", "avx512", Precision::F32),
+            ("bf16 avx512-bf16", "avx512", Precision::Bf16),
+            ("bf16 amx", "auto", Precision::Bf16),
+        ];
+        for (name, cap, precision) in cases {
+            let kernels = Kernels::parse(cap).unwrap();
+            let present = match (name, precision) {
+                ("fp32 avx2", _) => kernels.fp32() == Fp32Kernel::Avx2,
+                ("fp32 avx512", _) => kernels.fp32() == Fp32Kernel::Avx512,
+                ("bf16 avx512-bf16", _) => kernels.bf16() == Some(Bf16Kernel::Avx512Bf16),
+                _ => kernels.bf16() == Some(Bf16Kernel::Amx),
+            };
+            if !present {
+                eprintln!(
+                    "skipped: every_kernel_path_matches_candle_autograd: {name}: this CPU has {}",
+                    kernels.describe()
+                );
+                continue;
+            }
+            let mut fast = Trainer::new(Compute { kernels, precision }, &cfg, &w0);
+            let got_loss = fast.forward_backward(&x, &y, b, t);
+            for ((gname, g), want) in fast.grads().into_iter().zip(&want) {
+                match precision {
+                    Precision::F32 => {
+                        for (i, (a, r)) in g.iter().zip(want).enumerate() {
+                            assert!(
+                                (a - r).abs() <= 1e-4 + 1e-3 * r.abs(),
+                                "{name}: {gname}[{i}]: {a} vs {r}"
+                            );
+                        }
+                    }
+                    Precision::Bf16 => {
+                        let diff: f32 =
+                            g.iter().zip(want).map(|(a, r)| (a - r) * (a - r)).sum::<f32>().sqrt();
+                        let norm: f32 = want.iter().map(|r| r * r).sum::<f32>().sqrt();
+                        assert!(
+                            diff <= 0.04 * norm + 1e-6,
+                            "{name}: {gname}: relative L2 error {}",
+                            diff / norm
+                        );
+                    }
+                }
+            }
+            let tol = if precision == Precision::F32 { 1e-5 } else { 5e-3 * ref_loss };
+            assert!((got_loss - ref_loss).abs() <= tol, "{name}: loss {got_loss} vs {ref_loss}");
+        }
+    }
+
     /// A prefill of more rows than the panels take (30 prompts × 10 tokens = 300 > PANEL_MAX_ROWS,
     /// so gemm) in a one-block model, whose only block is also the last (shrunk to 30 rows, so
     /// panels), then a decoding step: candle's full-forward logits at both positions.

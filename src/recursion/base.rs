@@ -283,7 +283,8 @@ mod tests {
         let key = spec().key();
         assert_eq!(key, spec().key());
         assert_eq!(key.len(), 16);
-        let changes: Vec<Box<dyn Fn(&mut BaseSpec)>> = vec![
+        type Change = Box<dyn Fn(&mut BaseSpec)>;
+        let changes: Vec<Change> = vec![
             Box::new(|s| s.format += 1),
             Box::new(|s| s.model.d_model = 64),
             Box::new(|s| s.model.vocab_size += 1),

@@ -289,11 +289,19 @@ struct Lab<'a> {
     base: Option<(Weights, String)>,
     /// The engine, training in the run's `train.precision`.
     engine: Engine,
+    /// The base's pretraining text (empty without a base): the n-gram references see it too.
+    base_text: Vec<String>,
 }
 
 impl<'a> Lab<'a> {
     fn new(cfg: Config, corpus: &Corpus, tok: Tokenizer, opts: &'a RunOptions) -> Result<Self> {
         let train_lines = corpus.head(Split::Train, cfg.data.train_lines).to_vec();
+        let base_text = match cfg.recursion.init {
+            InitMode::Base => {
+                base::pretraining_text(&cfg, corpus).map(|(_, t)| t.to_vec()).unwrap_or_default()
+            }
+            _ => Vec::new(),
+        };
         let valid_lines = corpus.head(Split::Valid, cfg.data.eval_lines);
         let test_lines = corpus.head(Split::Test, cfg.data.eval_lines).to_vec();
         let words: Vec<&str> = train_lines.iter().flat_map(|l| l.split_whitespace()).collect();
@@ -351,6 +359,7 @@ impl<'a> Lab<'a> {
             reference,
             base: None,
             engine,
+            base_text,
         })
     }
 
@@ -476,6 +485,7 @@ impl<'a> Lab<'a> {
                     lr: ft.lr,
                     min_lr: ft.min_lr,
                     warmup_steps: ft.warmup_steps,
+                    eval_interval: ft.eval_interval,
                     ..cfg.train.clone()
                 };
                 (weights.clone(), Some(sha.clone()), tc)
@@ -607,15 +617,11 @@ impl<'a> Lab<'a> {
         PplDistribution::new(&sequence_ppls(gen0, &refs, self.tok.eot)?).put(&mut row);
         row.set_count(Metric::Sequences, refs.len() as u64);
         row.set_count(Metric::CorpusTokens, self.real_stream.len() as u64);
-        // The references a generation's test_word_ppl is read against: n-gram models of the same data.
-        row.set(
-            Metric::KnBigramTestWordPpl,
-            KneserNeyBigram::train(&self.train_lines).evaluate(&self.test_lines).ppl,
-        );
-        row.set(
-            Metric::UnigramTestWordPpl,
-            UnigramModel::train(&self.train_lines).evaluate(&self.test_lines).ppl,
-        );
+        // The references a generation's test_word_ppl is read against: n-gram models of the text the
+        // models saw (the real data, and the base's pretraining text when there is a base).
+        let seen: Vec<&str> = self.train_lines.iter().chain(&self.base_text).map(String::as_str).collect();
+        row.set(Metric::KnBigramTestWordPpl, KneserNeyBigram::train(&seen).evaluate(&self.test_lines).ppl);
+        row.set(Metric::UnigramTestWordPpl, UnigramModel::train(&seen).evaluate(&self.test_lines).ppl);
         Ok(row)
     }
 
