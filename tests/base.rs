@@ -3,15 +3,10 @@
 
 use serde_json::Value;
 use std::path::Path;
-use std::process::{Command, Output};
+use std::process::Output;
 
-fn bin() -> Command {
-    Command::new(env!("CARGO_BIN_EXE_collapse-lab"))
-}
-
-fn stderr(o: &Output) -> String {
-    String::from_utf8_lossy(&o.stderr).into_owned()
-}
+mod common;
+use common::{bin, read, stderr};
 
 /// A smoke-sized run of the protocol: the smoke model, a base pretrained on 300 lines after the
 /// real data (40 steps), every generation fine-tuned from it.
@@ -31,10 +26,6 @@ fn run_protocol(out: &Path, cache: &Path, extra: &[&str]) -> Output {
 
 fn state(out: &Path) -> Value {
     serde_json::from_slice(&std::fs::read(out.join("run.json")).unwrap()).unwrap()
-}
-
-fn read(p: &Path) -> Vec<u8> {
-    std::fs::read(p).unwrap_or_else(|e| panic!("{}: {e}", p.display()))
 }
 
 #[test]

@@ -1,47 +1,9 @@
 //! End-to-end tests: the real binary on the `smoke` preset in temporary directories.
 
 use std::path::{Path, PathBuf};
-use std::process::{Command, Output};
 
-fn bin() -> Command {
-    Command::new(env!("CARGO_BIN_EXE_collapse-lab"))
-}
-
-fn run(args: &[&str]) -> Output {
-    bin().args(args).output().expect("the binary runs")
-}
-
-fn stderr(o: &Output) -> String {
-    String::from_utf8_lossy(&o.stderr).into_owned()
-}
-
-/// A bad input: non-zero exit, one line of error naming `culprit`, no panic or backtrace.
-fn assert_clean_error(o: &Output, culprit: &str) {
-    let err = stderr(o);
-    assert!(!o.status.success(), "expected failure, got success; stderr: {err}");
-    assert!(err.contains(culprit), "stderr should name {culprit:?}: {err}");
-    assert_eq!(err.trim_end().lines().count(), 1, "one-line error expected: {err}");
-    assert!(!err.contains("panicked") && !err.contains("backtrace"), "{err}");
-}
-
-/// Every file under `dir` with its contents, to check that a failed command changed nothing.
-fn snapshot(dir: &Path) -> Vec<(PathBuf, Vec<u8>)> {
-    let mut out = vec![];
-    let mut stack = vec![dir.to_path_buf()];
-    while let Some(d) = stack.pop() {
-        for e in std::fs::read_dir(&d).unwrap() {
-            let p = e.unwrap().path();
-            if p.is_dir() {
-                stack.push(p);
-            } else {
-                let bytes = std::fs::read(&p).unwrap();
-                out.push((p, bytes));
-            }
-        }
-    }
-    out.sort();
-    out
-}
+mod common;
+use common::{assert_clean_error, run, snapshot, stderr};
 
 /// Trains the smoke model once per test binary run into `dir`.
 fn smoke_model(dir: &Path) -> PathBuf {

@@ -5,47 +5,10 @@
 
 use serde_json::Value;
 use std::path::{Path, PathBuf};
-use std::process::{Command, Output, Stdio};
+use std::process::{Output, Stdio};
 
-fn bin() -> Command {
-    Command::new(env!("CARGO_BIN_EXE_collapse-lab"))
-}
-
-fn run(args: &[&str]) -> Output {
-    bin().args(args).output().expect("the binary runs")
-}
-
-fn stderr(o: &Output) -> String {
-    String::from_utf8_lossy(&o.stderr).into_owned()
-}
-
-/// A one-line error with exit `code` naming `culprit`.
-fn assert_error(o: &Output, code: i32, culprit: &str) {
-    let err = stderr(o);
-    assert_eq!(o.status.code(), Some(code), "exit code; stderr: {err}");
-    assert!(err.contains(culprit), "stderr should name {culprit:?}: {err}");
-    assert_eq!(err.trim_end().lines().count(), 1, "one-line error expected: {err}");
-    assert!(!err.contains("panicked") && !err.contains("backtrace"), "{err}");
-}
-
-/// Every file under `dir` (but the lock file) with its bytes.
-fn snapshot(dir: &Path) -> Vec<(PathBuf, Vec<u8>)> {
-    let mut out = vec![];
-    let mut stack = vec![dir.to_path_buf()];
-    while let Some(d) = stack.pop() {
-        for e in std::fs::read_dir(&d).unwrap() {
-            let p = e.unwrap().path();
-            if p.is_dir() {
-                stack.push(p);
-            } else if p.file_name().is_some_and(|n| n != ".lock") {
-                let bytes = std::fs::read(&p).unwrap();
-                out.push((p, bytes));
-            }
-        }
-    }
-    out.sort();
-    out
-}
+mod common;
+use common::{assert_error, bin, read, run, snapshot, stderr};
 
 fn smoke(out: &Path, extra: &[&str]) -> Output {
     let mut args = vec!["run", "--preset", "smoke", "--quiet", "--out", out.to_str().unwrap()];
@@ -53,10 +16,6 @@ fn smoke(out: &Path, extra: &[&str]) -> Output {
     let o = run(&args);
     assert!(o.status.success(), "run failed: {}", stderr(&o));
     o
-}
-
-fn read(p: &Path) -> Vec<u8> {
-    std::fs::read(p).unwrap_or_else(|e| panic!("{}: {e}", p.display()))
 }
 
 /// A copy of wikitext-2 with a shorter train split (so that it differs from the default).

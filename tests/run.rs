@@ -2,15 +2,10 @@
 
 use serde_json::Value;
 use std::path::Path;
-use std::process::{Command, Output};
+use std::process::Output;
 
-fn run(args: &[&str]) -> Output {
-    Command::new(env!("CARGO_BIN_EXE_collapse-lab")).args(args).output().expect("the binary runs")
-}
-
-fn stderr(o: &Output) -> String {
-    String::from_utf8_lossy(&o.stderr).into_owned()
-}
+mod common;
+use common::{bin, run, stderr};
 
 fn smoke_run(out: &Path, extra: &[&str]) -> Output {
     let mut args = vec!["run", "--preset", "smoke", "--out", out.to_str().unwrap()];
@@ -300,7 +295,7 @@ fn killed_and_resumed_runs_equal_an_uninterrupted_run() {
     smoke_run(&straight, &["--quiet"]);
     for point in ["train:gen 1", "sample:gen 0", "sample:gen 2", "measure:gen 1"] {
         let out = tmp.path().join(point.replace([':', ' '], "-"));
-        let o = Command::new(env!("CARGO_BIN_EXE_collapse-lab"))
+        let o = bin()
             .args(["run", "--preset", "smoke", "--quiet", "--out", out.to_str().unwrap()])
             .env("COLLAPSE_LAB_ABORT_AT", point)
             .output()
