@@ -185,6 +185,22 @@ fn keep_real_and_accumulate_regimes_run() {
 }
 
 #[test]
+fn measure_valid_off_leaves_the_validation_columns_out_and_everything_else_equal() {
+    let tmp = tempfile::tempdir().unwrap();
+    let (on, off) = (tmp.path().join("on"), tmp.path().join("off"));
+    smoke_run(&on, &["--generations", "1", "--quiet"]);
+    smoke_run(&off, &["--generations", "1", "--quiet", "--set", "recursion.measure_valid=false"]);
+    for (a, b) in rows(&on).iter().zip(rows(&off)) {
+        let (mut a, mut b) = (a.as_object().unwrap().clone(), b.as_object().unwrap().clone());
+        for key in ["valid_ppl", "valid_word_ppl"] {
+            assert!(b.remove(key).is_none(), "{key} measured with measure_valid off");
+            a.remove(key);
+        }
+        assert_eq!(a, b, "only the validation columns differ");
+    }
+}
+
+#[test]
 fn beam_and_free_modes_run() {
     let tmp = tempfile::tempdir().unwrap();
     let out = tmp.path().join("beam");

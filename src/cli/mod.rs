@@ -118,7 +118,7 @@ pub struct PrepareArgs {
 
 #[derive(Debug, Args)]
 pub struct TrainArgs {
-    /// Named configuration: smoke, lab, cpu, cpu-large or paper
+    /// Named configuration: smoke, lab, cpu, cpu-large, shumailov or paper (trained from scratch here)
     #[arg(long, default_value = "cpu")]
     pub preset: String,
     /// A TOML or JSON file of differences from the preset
@@ -258,8 +258,8 @@ pub struct BaselineArgs {
 
 #[derive(Debug, Args)]
 pub struct RunArgs {
-    /// Named configuration: smoke, lab, cpu, cpu-large or paper
-    #[arg(long, default_value = "cpu")]
+    /// Named configuration: smoke, lab, cpu, cpu-large, shumailov (Shumailov's protocol: a cached pretrained base, every generation fine-tuned from it) or paper
+    #[arg(long, default_value = "shumailov")]
     pub preset: String,
     /// A TOML or JSON file of differences from the preset
     #[arg(long, value_name = "FILE")]
@@ -358,7 +358,7 @@ pub struct SweepArgs {
     /// Seeds per grid point (0..S)
     #[arg(long, default_value_t = 1)]
     pub seeds: u64,
-    #[arg(long, default_value = "cpu")]
+    #[arg(long, default_value = "shumailov")]
     pub preset: String,
     #[arg(long)]
     pub generations: Option<usize>,

@@ -76,7 +76,13 @@ fn matmul_speed() {
     let pool = rayon::ThreadPoolBuilder::new().num_threads(2).build().unwrap();
     let one = rayon::ThreadPoolBuilder::new().num_threads(1).build().unwrap();
     // Config A: 4 layers, d = 256, vocabulary 8192, 16 × 128 = 2048 rows.
-    let (bt, d, vocab, layers) = (2048, 256, 8192, 4);
+    let (bt, d, vocab, layers) = match std::env::var("KB_HEAD") {
+        Ok(v) => {
+            let x: Vec<usize> = v.split(',').map(|t| t.parse().unwrap()).collect();
+            (x[0], x[1], x[2], 1)
+        }
+        Err(_) => (2048, 256, 8192, 4),
+    };
     let linears = [
         ("qkv", 3 * d, d, layers),
         ("proj", d, d, layers),

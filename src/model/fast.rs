@@ -249,6 +249,16 @@ fn forward_sequences(
         let lnf = &a.lnf[r0 * c..(r0 + rows) * c];
         matmul_forward(cp, logits, lnf, w.wte, None, rows, c, v);
         let (tgt, losses) = (&targets[r0..r0 + rows], &mut a.losses[r0..r0 + rows]);
+        if head_grad.is_none() {
+            // Scoring: only −log softmax at the target, in two passes that write nothing.
+            logits.par_chunks(v).zip(losses.par_iter_mut()).zip(tgt.par_iter()).for_each(
+                |((x, loss), &target)| {
+                    let m = max(x);
+                    *loss = m + super::ops::sum_exp(x, m).ln() - x[target as usize];
+                },
+            );
+            continue;
+        }
         // Fused softmax + cross-entropy; the logits become d(mean loss)/d(logits).
         logits.par_chunks_mut(v).zip(losses.par_iter_mut()).zip(tgt.par_iter()).for_each(
             |((x, loss), &target)| {

@@ -414,6 +414,20 @@ pub fn sum(x: &[f32]) -> f32 {
     acc.iter().sum::<f32>() + rest
 }
 
+/// Σ e^(x − m) in sixteen lanes, in one pass that writes nothing (scoring's softmax denominator).
+/// Same terms as exponentiating in place and calling [`sum`], summed in another order.
+pub fn sum_exp(x: &[f32], m: f32) -> f32 {
+    let mut acc = [0f32; 16];
+    let chunks = x.chunks_exact(16);
+    let rest: f32 = chunks.remainder().iter().map(|&y| fast_exp(y - m)).sum();
+    for c in chunks {
+        for i in 0..16 {
+            acc[i] += fast_exp(c[i] - m);
+        }
+    }
+    acc.iter().sum::<f32>() + rest
+}
+
 /// Σ a·b in eight lanes.
 #[inline(always)]
 pub fn dot(a: &[f32], b: &[f32]) -> f32 {

@@ -636,14 +636,16 @@ impl<'a> Lab<'a> {
                 other => other.label(),
             }
         ));
-        let valid = split_perplexity(model, &self.valid, block)?;
         let mut row = Row::new(id);
         row.set(Metric::TestPpl, test.ppl);
         row.set(Metric::TestWordPpl, test.word_ppl);
         row.set(Metric::TestPplRare, test.ppl_rare);
         row.set(Metric::TestPplCommon, test.ppl_common);
-        row.set(Metric::ValidPpl, valid.ppl);
-        row.set(Metric::ValidWordPpl, valid.word_ppl);
+        if self.cfg.recursion.measure_valid {
+            let valid = split_perplexity(model, &self.valid, block)?;
+            row.set(Metric::ValidPpl, valid.ppl);
+            row.set(Metric::ValidWordPpl, valid.word_ppl);
+        }
         let words: Vec<&str> = records.iter().flat_map(|r| r.text.split_whitespace()).collect();
         self.corpus_metrics(&mut row, &words, state.ttr_n)?;
         let ppls: Vec<f64> = records.iter().map(|r| r.gen0_ppl).collect();

@@ -91,6 +91,7 @@ mod tests {
             real_fraction: 0.5,
             prompt_mode: PromptMode::Blocks,
             init: crate::config::InitMode::Scratch,
+            measure_valid: true,
         }
     }
 
