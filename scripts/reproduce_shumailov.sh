@@ -6,8 +6,13 @@
 # the repetition penalty 3.0 that their code passes (rp3.0), and without it (rp1.0).
 #
 #   scripts/reproduce_shumailov.sh [OUT]        # default OUT: experiments/shumailov
-#   SEEDS=3 GENERATIONS=10 BEAM_REGIMES="replace keep-real" BEAM_PENALTIES="3.0 1.0" PRESET=lab
+#   SEEDS=3 GENERATIONS=10 BEAM_REGIMES="replace keep-real" BEAM_PENALTIES="3.0 1.0" PRESET=shumailov
 #   DEVICE=cpu (the defaults)
+#
+# The default preset is the paper's protocol: every generation fine-tuned from one pretrained base
+# (pretrained once into checkpoints/bases/ and shared by every run here). PRESET=lab reruns the
+# from-scratch version of the earlier EXPERIMENTS.md.
+PRESET=${PRESET:-shumailov}
 source "$(dirname "$0")/experiment_lib.sh"
 OUT=${1:-experiments/shumailov}
 BEAM_REGIMES=${BEAM_REGIMES:-replace keep-real}

@@ -77,6 +77,11 @@ fn the_base_is_pretrained_once_and_every_generation_starts_from_it() {
         rows[2]["test_ppl"],
         rows[1]["test_ppl"]
     );
+    // A block's lineage shows what the base wrote for it, between the real block and generation 0.
+    let o = bin().args(["inspect", a.to_str().unwrap(), "--lineage", "0"]).output().unwrap();
+    let text = String::from_utf8_lossy(&o.stdout);
+    let at = |tag: &str| text.find(tag).unwrap_or_else(|| panic!("{tag} missing: {text}"));
+    assert!(at("[real]") < at("[base]") && at("[base]") < at("[gen 0]"), "{text}");
 }
 
 #[test]

@@ -1057,6 +1057,13 @@ fn inspect(a: InspectArgs) -> Result<()> {
         })?;
         println!("lineage of block {id}: the real block, then the text each generation's model wrote for it");
         println!("\n[real]\n{}", rec.prompt);
+        // With a base model, what it wrote zero-shot for the same block.
+        let base = a.run.join("base").join(CORPUS);
+        if base.exists() {
+            if let Some(r) = read_corpus(&base)?.iter().find(|r| r.prompt_id == id) {
+                println!("\n[base] (gen-0 perplexity {:.1})\n{}", r.gen0_ppl, r.text);
+            }
+        }
         for g in 0..n_gen {
             let Ok(records) = corpus(g) else { break };
             if let Some(r) = records.iter().find(|r| r.prompt_id == id) {
