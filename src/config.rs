@@ -649,7 +649,16 @@ impl Config {
             ("train.warmup_steps", t.warmup_steps, 0, limits::STEPS),
             ("data.block_size", self.data.block_size, 1, limits::CTX),
             ("sample.batch_size", self.sample.batch_size, 1, limits::BATCH),
-            ("sample.beam", self.sample.beam, 0, limits::BEAM.min(self.model.vocab_size)),
+            // A word-level vocabulary of every type (vocab_size 0) is checked once it is built.
+            (
+                "sample.beam",
+                self.sample.beam,
+                0,
+                match self.model.vocab_size {
+                    0 => limits::BEAM,
+                    v => limits::BEAM.min(v),
+                },
+            ),
             ("recursion.generations", self.recursion.generations, 1, limits::GENERATIONS),
         ];
         for (name, v, min, max) in sizes {

@@ -205,6 +205,11 @@ fn beam_and_free_modes_run() {
     let tmp = tempfile::tempdir().unwrap();
     let out = tmp.path().join("beam");
     smoke_run(&out, &["--beam", "3", "--generations", "1", "--quiet", "--set", "data.train_lines=40"]);
+    // A word-level vocabulary of every type (model.vocab_size 0) takes beam search too (it was
+    // refused: the beam was checked against the unresolved size 0).
+    let out = tmp.path().join("word-beam");
+    let word = ["--set", "tokenizer.kind=\"word\"", "--set", "model.vocab_size=0"];
+    smoke_run(&out, &[&["--beam", "3", "--generations", "1", "--quiet"][..], &word[..]].concat());
     let out = tmp.path().join("free");
     smoke_run(&out, &["--prompt-mode", "free", "--generations", "1", "--quiet"]);
     let first: Value = serde_json::from_str(

@@ -331,6 +331,12 @@ impl<'a> Lab<'a> {
             }
         }
         let mcfg = ModelConfig { vocab_size: tok.vocab_size(), ..cfg.model.clone() };
+        if cfg.sample.beam > mcfg.vocab_size {
+            return crate::config::usage(format!(
+                "--beam (sample.beam) must be at most the vocabulary, {} word types in {source}, got {}",
+                mcfg.vocab_size, cfg.sample.beam
+            ));
+        }
         let engine = opts.engine.clone().with_precision(cfg.train.precision)?;
         let rows = cfg.sample.batch_size * cfg.sample.beam.max(1);
         check_memory(
