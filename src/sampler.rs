@@ -227,6 +227,26 @@ fn move_top_to_front(tokens: &mut [u32], k: usize, values: &[f32]) {
     }
 }
 
+/// The ids of the `k` largest `values` in the order of [`by_value`] (NaN as −∞, ties to the lower
+/// id), into `out`: the set [`keep_top`] keeps, found in one pass that compares most values with
+/// the k-th best so far only (beam search does this for every beam over the whole vocabulary).
+fn top_ids(values: &[f32], k: usize, out: &mut Vec<u32>) {
+    let key = |v: f32| if v.is_nan() { f32::NEG_INFINITY } else { v };
+    let mut best: Vec<(f32, u32)> = Vec::with_capacity(k + 1);
+    for (id, &v) in values.iter().enumerate() {
+        let v = key(v);
+        // Ids come in increasing order, so a value equal to the k-th best loses to it.
+        if best.len() == k && v.total_cmp(&best[k - 1].0) != Ordering::Greater {
+            continue;
+        }
+        let at = best.iter().position(|&(b, _)| v.total_cmp(&b) == Ordering::Greater).unwrap_or(best.len());
+        best.insert(at, (v, id as u32));
+        best.truncate(k);
+    }
+    out.clear();
+    out.extend(best.iter().map(|&(_, id)| id));
+}
+
 /// Top-k: keeps the `k >= 1` tokens of largest value.
 fn keep_top(tokens: &mut Vec<u32>, k: usize, values: &[f32]) {
     debug_assert!(k > 0);
@@ -394,9 +414,7 @@ pub fn beam_step<L: AsRef<[f32]>>(beam_scores: &[f64], logprobs: &[L], width: us
     let mut tokens = Vec::new();
     for (parent, (&score, row)) in beam_scores.iter().zip(logprobs).enumerate() {
         let row = row.as_ref();
-        tokens.clear();
-        tokens.extend(0..row.len() as u32);
-        keep_top(&mut tokens, width, row);
+        top_ids(row, width, &mut tokens);
         candidates.extend(tokens.iter().map(|&token| BeamCandidate {
             parent,
             token,
@@ -453,6 +471,35 @@ pub fn beam_search(
 
 #[cfg(test)]
 mod tests {
+    /// The one-pass top-k of beam search keeps the same tokens as the selection of top-k sampling,
+    /// NaN, −∞ and ties included.
+    #[test]
+    fn one_pass_top_ids_match_the_selection() {
+        use rand::{Rng, SeedableRng};
+        let mut rng = rand_chacha::ChaCha8Rng::seed_from_u64(5);
+        for case in 0..300 {
+            let n = 1 + case % 40;
+            let values: Vec<f32> = (0..n)
+                .map(|_| match rng.random_range(0..10) {
+                    0 => f32::NAN,
+                    1 => f32::NEG_INFINITY,
+                    2 => -0.0,
+                    3..=4 => rng.random_range(0..3) as f32, // ties, +0.0 among them
+                    _ => rng.random::<f32>(),
+                })
+                .collect();
+            for k in 1..=n + 1 {
+                let mut want: Vec<u32> = (0..n as u32).collect();
+                super::keep_top(&mut want, k, &values);
+                want.sort_unstable();
+                let mut got = Vec::new();
+                super::top_ids(&values, k, &mut got);
+                got.sort_unstable();
+                assert_eq!(got, want, "{values:?} k {k}");
+            }
+        }
+    }
+
     use super::*;
     use rand::SeedableRng;
     use rand_chacha::ChaCha8Rng;
