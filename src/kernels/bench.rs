@@ -1,6 +1,8 @@
 //! Speed of every kernel path on the products of one config-A training step and of its decode
 //! steps, with 2 threads. Ignored by default; run with
-//! `cargo test --release kernels::bench -- --ignored --nocapture`.
+//! `cargo test --release kernels::bench -- --ignored --nocapture`. `KB_HEAD=ROWS,D,VOCAB` times a
+//! one-layer model of that head instead (e.g. `KB_HEAD=252,128,33278 KERNELS_BENCH_SHAPE=head`, the
+//! `shumailov` preset's head chunk).
 
 use super::*;
 use std::ops::Not;
@@ -78,7 +80,7 @@ fn matmul_speed() {
     // Config A: 4 layers, d = 256, vocabulary 8192, 16 × 128 = 2048 rows.
     let (bt, d, vocab, layers) = match std::env::var("KB_HEAD") {
         Ok(v) => {
-            let x: Vec<usize> = v.split(',').map(|t| t.parse().unwrap()).collect();
+            let x: Vec<usize> = v.split(',').map(|t| t.parse().expect("KB_HEAD=ROWS,D,VOCAB")).collect();
             (x[0], x[1], x[2], 1)
         }
         Err(_) => (2048, 256, 8192, 4),
