@@ -203,8 +203,8 @@ impl Acts {
 }
 
 /// Forward over whole sequences: inputs and targets (B, T) row-major. Leaves every activation in
-/// `a`, the NLL of each target in `a.losses`, and d(mean loss)/d(logits) in `a.logits`; returns
-/// the mean loss.
+/// `a` and the NLL of each target in `a.losses`; when training (`head_grad`), it also runs the
+/// head's backward on each chunk's d(mean loss)/d(logits). Returns the mean loss.
 fn forward_sequences(
     cp: Compute,
     cfg: &ModelConfig,
