@@ -191,16 +191,10 @@ fn exp_weights(x: &mut [f32], temperature: f32) {
         for v in x.iter_mut() {
             *v = if *v == max { 1.0 } else { 0.0 };
         }
-    } else if temperature == 1.0 {
-        for v in x.iter_mut() {
-            *v = crate::model::ops::fast_exp(*v - max);
-        }
     } else {
-        // A product, not a quotient, per entry: division is the slow part of this loop.
-        let inv = 1.0 / temperature;
-        for v in x.iter_mut() {
-            *v = crate::model::ops::fast_exp((*v - max) * inv);
-        }
+        // A product, not a quotient, per entry: division is the slow part of this loop (and at
+        // temperature 1 the product is exact, so it changes nothing).
+        crate::model::ops::exp_in_place(x, max, 1.0 / temperature);
     }
 }
 

@@ -265,9 +265,7 @@ fn forward_sequences(
                 let m = max(x);
                 let target = target as usize;
                 let logit = x[target];
-                for y in x.iter_mut() {
-                    *y = super::ops::fast_exp(*y - m);
-                }
+                super::ops::exp_in_place(x, m, 1.0);
                 let total = sum(x);
                 let inv = 1.0 / total;
                 *loss = m + total.ln() - logit; // −log softmax, finite even when the target's probability underflows

@@ -414,18 +414,126 @@ pub fn sum(x: &[f32]) -> f32 {
     acc.iter().sum::<f32>() + rest
 }
 
+/// Whether the exp loops below run their AVX-512 form: the fp32 kernels [`Kernels::from_env`]
+/// chooses (once per process) are the AVX-512 ones. `COLLAPSE_LAB_KERNELS=avx2` forces the
+/// portable form, which the compiler vectorises for the CPU it targets.
+fn wide_exp() -> bool {
+    static WIDE: std::sync::OnceLock<bool> = std::sync::OnceLock::new();
+    *WIDE.get_or_init(|| Kernels::from_env().is_ok_and(|k| k.fp32() == crate::kernels::Fp32Kernel::Avx512))
+}
+
 /// Σ e^(x − m) in sixteen lanes, in one pass that writes nothing (scoring's softmax denominator).
 /// Same terms as exponentiating in place and calling [`sum`], summed in another order.
 pub fn sum_exp(x: &[f32], m: f32) -> f32 {
+    sum_exp_on(wide_exp(), x, m)
+}
+
+/// [`sum_exp`] in its AVX-512 form when `wide` (and the CPU has AVX-512F), else the portable
+/// one: the same bits either way.
+pub fn sum_exp_on(wide: bool, x: &[f32], m: f32) -> f32 {
     let mut acc = [0f32; 16];
     let chunks = x.chunks_exact(16);
     let rest: f32 = chunks.remainder().iter().map(|&y| fast_exp(y - m)).sum();
+    #[cfg(target_arch = "x86_64")]
+    if wide && std::arch::is_x86_feature_detected!("avx512f") {
+        // SAFETY: the CPU has AVX-512F.
+        unsafe { wide::sum_exp16(x, m, &mut acc) };
+        return acc.iter().sum::<f32>() + rest;
+    }
+    let _ = wide;
     for c in chunks {
         for i in 0..16 {
             acc[i] += fast_exp(c[i] - m);
         }
     }
     acc.iter().sum::<f32>() + rest
+}
+
+/// x ← e^((x − m)·scale), entry by entry (a softmax's numerators; `scale` is 1 or 1/temperature).
+pub fn exp_in_place(x: &mut [f32], m: f32, scale: f32) {
+    exp_in_place_on(wide_exp(), x, m, scale)
+}
+
+/// [`exp_in_place`] in its AVX-512 form when `wide` (and the CPU has AVX-512F), else the
+/// portable one: the same bits either way.
+pub fn exp_in_place_on(wide: bool, x: &mut [f32], m: f32, scale: f32) {
+    #[cfg(target_arch = "x86_64")]
+    if wide && std::arch::is_x86_feature_detected!("avx512f") {
+        // SAFETY: the CPU has AVX-512F.
+        let done = unsafe { wide::exp16_in_place(x, m, scale) };
+        for y in &mut x[done..] {
+            *y = fast_exp((*y - m) * scale);
+        }
+        return;
+    }
+    let _ = wide;
+    for y in x.iter_mut() {
+        *y = fast_exp((*y - m) * scale);
+    }
+}
+
+/// [`fast_exp`] sixteen lanes at a time in AVX-512, operation for operation (no fused
+/// multiply-adds), so every lane gives the scalar function's bits.
+#[cfg(target_arch = "x86_64")]
+mod wide {
+    use std::arch::x86_64::*;
+
+    /// [`super::fast_exp`] of each lane.
+    #[target_feature(enable = "avx512f")]
+    #[inline]
+    fn exp16(x: __m512) -> __m512 {
+        let c = _mm512_set1_ps;
+        let underflow =
+            _mm512_cmp_ps_mask::<_CMP_UNORD_Q>(x, x) | _mm512_cmp_ps_mask::<_CMP_LE_OQ>(x, c(-87.0));
+        let below = _mm512_cmp_ps_mask::<_CMP_LT_OQ>(x, c(88.0));
+        let x = _mm512_mask_blend_ps(underflow, _mm512_mask_blend_ps(below, c(88.0), x), c(-87.0));
+        let magic = c(12_582_912.0);
+        let n = _mm512_sub_ps(_mm512_add_ps(_mm512_mul_ps(x, c(std::f32::consts::LOG2_E)), magic), magic);
+        let r = _mm512_sub_ps(
+            _mm512_sub_ps(x, _mm512_mul_ps(n, c(0.693_145_75))),
+            _mm512_mul_ps(n, c(1.428_606_8e-6)),
+        );
+        let mut p = c(1.0f32 / 720.0);
+        for k in [1.0f32 / 120.0, 1.0 / 24.0, 1.0 / 6.0, 0.5, 1.0, 1.0] {
+            p = _mm512_add_ps(c(k), _mm512_mul_ps(r, p));
+        }
+        let two_n = _mm512_slli_epi32::<23>(_mm512_add_epi32(_mm512_cvttps_epi32(n), _mm512_set1_epi32(127)));
+        _mm512_maskz_mov_ps(!underflow, _mm512_mul_ps(p, _mm512_castsi512_ps(two_n)))
+    }
+
+    /// acc[i] += e^(x[16j + i] − m) over the whole chunks of 16.
+    ///
+    /// # Safety
+    /// The CPU has AVX-512F.
+    #[target_feature(enable = "avx512f")]
+    pub(super) unsafe fn sum_exp16(x: &[f32], m: f32, acc: &mut [f32; 16]) {
+        let (mut sum, m) = (_mm512_loadu_ps(acc.as_ptr()), _mm512_set1_ps(m));
+        for c in x.chunks_exact(16) {
+            // SAFETY: 16 floats.
+            let v = unsafe { _mm512_loadu_ps(c.as_ptr()) };
+            sum = _mm512_add_ps(sum, exp16(_mm512_sub_ps(v, m)));
+        }
+        // SAFETY: 16 floats.
+        unsafe { _mm512_storeu_ps(acc.as_mut_ptr(), sum) };
+    }
+
+    /// x ← e^((x − m)·scale) over the whole chunks of 16; returns how many entries that was.
+    ///
+    /// # Safety
+    /// The CPU has AVX-512F.
+    #[target_feature(enable = "avx512f")]
+    pub(super) unsafe fn exp16_in_place(x: &mut [f32], m: f32, scale: f32) -> usize {
+        let (m, scale) = (_mm512_set1_ps(m), _mm512_set1_ps(scale));
+        let mut chunks = x.chunks_exact_mut(16);
+        for c in &mut chunks {
+            // SAFETY: 16 floats.
+            unsafe {
+                let v = _mm512_loadu_ps(c.as_ptr());
+                _mm512_storeu_ps(c.as_mut_ptr(), exp16(_mm512_mul_ps(_mm512_sub_ps(v, m), scale)));
+            }
+        }
+        x.len() / 16 * 16
+    }
 }
 
 /// Σ a·b in eight lanes.
@@ -617,6 +725,68 @@ mod tests {
             assert!((got - want).abs() <= 1e-6, "tanh({x}): {got} vs {want}");
         }
         assert_eq!((fast_exp(-1000.0), fast_exp(f32::NEG_INFINITY), fast_exp(f32::NAN)), (0.0, 0.0, 0.0));
+    }
+
+    /// The AVX-512 exp loops give the portable ones' bits: every entry and every sum, on rows of
+    /// every length up to 40 and a 33,278-word one, over special values and the whole range
+    /// (underflow, the clamp at 88, NaN, ±∞, ±0, denormals, both sides of the cut-offs).
+    #[test]
+    fn wide_exp_loops_give_the_portable_bits() {
+        if !std::arch::is_x86_feature_detected!("avx512f") {
+            println!("skipped: this CPU has no AVX-512F, so only the portable exp loops can run");
+            return;
+        }
+        let special = [
+            0.0,
+            -0.0,
+            1e-40,
+            -1e-40,
+            f32::NAN,
+            f32::INFINITY,
+            f32::NEG_INFINITY,
+            -87.0,
+            -86.99,
+            -87.01,
+            88.0,
+            87.99,
+            88.01,
+            200.0,
+            -200.0,
+            0.3466,
+            -0.3466,
+            1.0,
+            -1.0,
+            f32::MAX,
+            f32::MIN,
+        ];
+        let mut state = 12345u64;
+        let mut next = move || {
+            state = state.wrapping_mul(6364136223846793005).wrapping_add(1442695040888963407);
+            ((state >> 40) as f32 / (1u64 << 24) as f32) * 180.0 - 95.0
+        };
+        let mut rows: Vec<Vec<f32>> = (0..=40).map(|n| (0..n).map(|_| next()).collect()).collect();
+        rows.push(
+            (0..33_278).map(|i| if i % 97 == 0 { special[i / 97 % special.len()] } else { next() }).collect(),
+        );
+        rows.push(special.iter().copied().cycle().take(48).collect());
+        for row in &rows {
+            for (m, scale) in [(0.0, 1.0), (3.5, 1.0), (-2.0, 1.0 / 0.7), (1.0, 1.25)] {
+                let (wide, portable) = (sum_exp_on(true, row, m), sum_exp_on(false, row, m));
+                assert_eq!(wide.to_bits(), portable.to_bits(), "sum_exp over {} entries, m = {m}", row.len());
+                let (mut a, mut b) = (row.clone(), row.clone());
+                exp_in_place_on(true, &mut a, m, scale);
+                exp_in_place_on(false, &mut b, m, scale);
+                for (i, (x, y)) in a.iter().zip(&b).enumerate() {
+                    assert_eq!(
+                        x.to_bits(),
+                        y.to_bits(),
+                        "entry {i} of {}: e^(({} − {m})·{scale})",
+                        row.len(),
+                        row[i]
+                    );
+                }
+            }
+        }
     }
 
     /// The linear layer gives the same numbers (to f32 rounding) through packed weights (few rows)
