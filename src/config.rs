@@ -149,6 +149,37 @@ fn must(key: &str, expected: &str, got: impl std::fmt::Display) -> String {
     format!("{} must be {expected}, got {got}", setting_name(key))
 }
 
+/// The checks a learning-rate schedule's keys share (`train.*` and `finetune.*`): (key, passed,
+/// what was expected, the value). `lr_below` is a further strict upper bound on the rate (∞ for none).
+fn schedule_checks(
+    section: &str,
+    lr: f64,
+    min_lr: f64,
+    epochs: f64,
+    lr_below: f64,
+) -> [(String, bool, String, f64); 3] {
+    let lr_expected = if lr_below.is_finite() {
+        format!("in (0, 1e9] and below 1 / train.weight_decay = {lr_below}")
+    } else {
+        "in (0, 1e9]".to_string()
+    };
+    [
+        (format!("{section}.lr"), lr > 0.0 && lr <= 1e9 && lr < lr_below, lr_expected, lr),
+        (
+            format!("{section}.min_lr"),
+            min_lr >= 0.0 && min_lr <= lr,
+            format!("in [0, {section}.lr = {lr}]"),
+            min_lr,
+        ),
+        (
+            format!("{section}.epochs"),
+            epochs > 0.0 && epochs <= limits::EPOCHS,
+            format!("in (0, {}]", limits::EPOCHS),
+            epochs,
+        ),
+    ]
+}
+
 /// Which part of wikitext-2 is used, and how it is cut.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
@@ -606,30 +637,13 @@ impl Config {
                 self.model.vocab_size,
             ));
         }
+        // Fine-tuning's rate also meets train.weight_decay (decoupled decay multiplies by 1 − lr·wd).
         let ft = &self.finetune;
-        let ft_checks = [
-            (
-                "finetune.lr",
-                ft.lr > 0.0 && ft.lr <= 1e9 && ft.lr * self.train.weight_decay < 1.0,
-                format!("in (0, 1e9] and below 1 / train.weight_decay = {}", 1.0 / self.train.weight_decay),
-                ft.lr,
-            ),
-            (
-                "finetune.min_lr",
-                ft.min_lr >= 0.0 && ft.min_lr <= ft.lr,
-                format!("in [0, finetune.lr = {}]", ft.lr),
-                ft.min_lr,
-            ),
-            (
-                "finetune.epochs",
-                ft.epochs > 0.0 && ft.epochs <= limits::EPOCHS,
-                format!("in (0, {}]", limits::EPOCHS),
-                ft.epochs,
-            ),
-        ];
+        let ft_checks =
+            schedule_checks("finetune", ft.lr, ft.min_lr, ft.epochs, 1.0 / self.train.weight_decay);
         for (name, ok, expected, got) in ft_checks {
             if !ok {
-                return usage(must(name, &expected, got));
+                return usage(must(&name, &expected, got));
             }
         }
         let r = &self.data.split_ratio;
@@ -666,20 +680,12 @@ impl Config {
                 return usage(must(name, &format!("in [{min}, {max}]"), v));
             }
         }
+        for (name, ok, expected, got) in schedule_checks("train", t.lr, t.min_lr, t.epochs, f64::INFINITY) {
+            if !ok {
+                return usage(must(&name, &expected, got));
+            }
+        }
         let checks = [
-            ("train.lr", t.lr > 0.0 && t.lr <= 1e9, "in (0, 1e9]".to_string(), t.lr),
-            (
-                "train.min_lr",
-                t.min_lr >= 0.0 && t.min_lr <= t.lr,
-                format!("in [0, train.lr = {}]", t.lr),
-                t.min_lr,
-            ),
-            (
-                "train.epochs",
-                t.epochs > 0.0 && t.epochs <= limits::EPOCHS,
-                format!("in (0, {}]", limits::EPOCHS),
-                t.epochs,
-            ),
             (
                 "train.weight_decay",
                 t.weight_decay >= 0.0 && t.lr * t.weight_decay < 1.0,

@@ -67,6 +67,17 @@ pub enum Command {
     Bench(BenchArgs),
 }
 
+/// What a command changes in its preset; shared by the commands that resolve a configuration.
+#[derive(Debug, Args)]
+pub struct Changes {
+    /// A TOML or JSON file of differences from the preset
+    #[arg(long, value_name = "FILE")]
+    pub config: Option<PathBuf>,
+    /// Override one setting, e.g. --set train.lr=1e-3 (repeatable)
+    #[arg(long = "set", value_name = "KEY=VALUE")]
+    pub sets: Vec<String>,
+}
+
 /// Where the data is and what to run on; shared by the commands that need them.
 #[derive(Debug, Args)]
 pub struct Common {
@@ -121,12 +132,8 @@ pub struct TrainArgs {
     /// Named configuration: smoke, lab, cpu, cpu-large, shumailov or paper (trained from scratch here)
     #[arg(long, default_value = "cpu")]
     pub preset: String,
-    /// A TOML or JSON file of differences from the preset
-    #[arg(long, value_name = "FILE")]
-    pub config: Option<PathBuf>,
-    /// Override one setting, e.g. --set train.lr=1e-3 (repeatable)
-    #[arg(long = "set", value_name = "KEY=VALUE")]
-    pub sets: Vec<String>,
+    #[command(flatten)]
+    pub changes: Changes,
     /// Seed for initialisation and batch order
     #[arg(long)]
     pub seed: Option<u64>,
@@ -148,12 +155,8 @@ pub struct PretrainArgs {
     /// Named configuration (its model, train settings, tokenizer and data.train_lines decide the base)
     #[arg(long, default_value = "shumailov")]
     pub preset: String,
-    /// A TOML or JSON file of differences from the preset
-    #[arg(long, value_name = "FILE")]
-    pub config: Option<PathBuf>,
-    /// Override one setting, e.g. --set train.epochs=3 (repeatable)
-    #[arg(long = "set", value_name = "KEY=VALUE")]
-    pub sets: Vec<String>,
+    #[command(flatten)]
+    pub changes: Changes,
     /// The base's seed (base.seed)
     #[arg(long)]
     pub seed: Option<u64>,
@@ -261,12 +264,8 @@ pub struct RunArgs {
     /// Named configuration: smoke, lab, cpu, cpu-large, shumailov (Shumailov's protocol: a cached pretrained base, every generation fine-tuned from it) or paper
     #[arg(long, default_value = "shumailov")]
     pub preset: String,
-    /// A TOML or JSON file of differences from the preset
-    #[arg(long, value_name = "FILE")]
-    pub config: Option<PathBuf>,
-    /// Override one setting, e.g. --set train.epochs=3 (repeatable)
-    #[arg(long = "set", value_name = "KEY=VALUE")]
-    pub sets: Vec<String>,
+    #[command(flatten)]
+    pub changes: Changes,
     /// Models to train: generation 0 (real data) to N − 1 [preset: 5]
     #[arg(long)]
     pub generations: Option<usize>,
@@ -598,7 +597,7 @@ fn prepare(a: PrepareArgs) -> Result<()> {
 
 fn train_cmd(a: TrainArgs) -> Result<()> {
     check_preset(&a.preset)?;
-    let cfg = Config::resolve(&a.preset, a.config.as_deref(), &a.sets, a.seed)?;
+    let cfg = Config::resolve(&a.preset, a.changes.config.as_deref(), &a.changes.sets, a.seed)?;
     let engine = engine(&a.common.device)?.with_precision(cfg.train.precision)?;
     if a.out.join(run_dir::RUN_JSON).exists() {
         return usage(format!(
@@ -670,11 +669,11 @@ fn train_cmd(a: TrainArgs) -> Result<()> {
 
 fn pretrain(a: PretrainArgs) -> Result<()> {
     check_preset(&a.preset)?;
-    let mut sets = a.sets.clone();
+    let mut sets = a.changes.sets.clone();
     if let Some(seed) = a.seed {
         sets.push(format!("base.seed={seed}"));
     }
-    let cfg = Config::resolve(&a.preset, a.config.as_deref(), &sets, None)?;
+    let cfg = Config::resolve(&a.preset, a.changes.config.as_deref(), &sets, None)?;
     let engine = engine(&a.common.device)?.with_precision(cfg.train.precision)?;
     let corpus = a.common.corpus(cfg.data.split_ratio)?;
     let tok = recursion::train_tokenizer(&cfg, &corpus)?;
@@ -962,7 +961,7 @@ fn flag_sets(a: &RunArgs) -> Vec<String> {
         a.beam.map(|x| json!(x)),
         a.repetition_penalty.map(|x| json!(x)),
     ];
-    let mut sets = a.sets.clone();
+    let mut sets = a.changes.sets.clone();
     for ((_, key), v) in FLAGS.iter().zip(values) {
         if let Some(v) = v {
             sets.push(format!("{key}={v}"));
@@ -973,7 +972,7 @@ fn flag_sets(a: &RunArgs) -> Vec<String> {
 
 fn run_cmd(a: RunArgs) -> Result<()> {
     check_preset(&a.preset)?;
-    let cfg = Config::resolve(&a.preset, a.config.as_deref(), &flag_sets(&a), a.seed)?;
+    let cfg = Config::resolve(&a.preset, a.changes.config.as_deref(), &flag_sets(&a), a.seed)?;
     let out = match (&a.out, &a.name) {
         (Some(out), _) => out.clone(),
         (None, Some(name)) => Path::new("checkpoints").join(check_name(name)?),
