@@ -150,21 +150,21 @@ fn must(key: &str, expected: &str, got: impl std::fmt::Display) -> String {
 }
 
 /// The checks a learning-rate schedule's keys share (`train.*` and `finetune.*`): (key, passed,
-/// what was expected, the value). `lr_below` is a further strict upper bound on the rate (∞ for none).
+/// what was expected, the value). With `decay` (train.weight_decay, for fine-tuning's rate), the rate
+/// must also keep lr·decay below 1 (decoupled weight decay multiplies the weights by 1 − lr·decay).
 fn schedule_checks(
     section: &str,
     lr: f64,
     min_lr: f64,
     epochs: f64,
-    lr_below: f64,
+    decay: Option<f64>,
 ) -> [(String, bool, String, f64); 3] {
-    let lr_expected = if lr_below.is_finite() {
-        format!("in (0, 1e9] and below 1 / train.weight_decay = {lr_below}")
-    } else {
-        "in (0, 1e9]".to_string()
+    let (lr_ok, lr_expected) = match decay {
+        Some(wd) => (lr * wd < 1.0, format!("in (0, 1e9] and below 1 / train.weight_decay = {}", 1.0 / wd)),
+        None => (true, "in (0, 1e9]".to_string()),
     };
     [
-        (format!("{section}.lr"), lr > 0.0 && lr <= 1e9 && lr < lr_below, lr_expected, lr),
+        (format!("{section}.lr"), lr > 0.0 && lr <= 1e9 && lr_ok, lr_expected, lr),
         (
             format!("{section}.min_lr"),
             min_lr >= 0.0 && min_lr <= lr,
@@ -637,10 +637,9 @@ impl Config {
                 self.model.vocab_size,
             ));
         }
-        // Fine-tuning's rate also meets train.weight_decay (decoupled decay multiplies by 1 − lr·wd).
         let ft = &self.finetune;
         let ft_checks =
-            schedule_checks("finetune", ft.lr, ft.min_lr, ft.epochs, 1.0 / self.train.weight_decay);
+            schedule_checks("finetune", ft.lr, ft.min_lr, ft.epochs, Some(self.train.weight_decay));
         for (name, ok, expected, got) in ft_checks {
             if !ok {
                 return usage(must(&name, &expected, got));
@@ -680,7 +679,7 @@ impl Config {
                 return usage(must(name, &format!("in [{min}, {max}]"), v));
             }
         }
-        for (name, ok, expected, got) in schedule_checks("train", t.lr, t.min_lr, t.epochs, f64::INFINITY) {
+        for (name, ok, expected, got) in schedule_checks("train", t.lr, t.min_lr, t.epochs, None) {
             if !ok {
                 return usage(must(&name, &expected, got));
             }

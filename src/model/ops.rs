@@ -731,6 +731,7 @@ mod tests {
     /// every length up to 40 and a 33,278-word one, over special values and the whole range
     /// (underflow, the clamp at 88, NaN, ±∞, ±0, denormals, both sides of the cut-offs).
     #[test]
+    #[cfg(target_arch = "x86_64")]
     fn wide_exp_loops_give_the_portable_bits() {
         if !std::arch::is_x86_feature_detected!("avx512f") {
             println!("skipped: this CPU has no AVX-512F, so only the portable exp loops can run");
