@@ -562,7 +562,7 @@ pub fn engine(spec: &str) -> Result<Engine> {
     };
     // COLLAPSE_LAB_KERNELS may force slower kernels (to test them on a machine that has faster ones).
     let kernels = crate::kernels::Kernels::from_env().map_err(UsageError)?;
-    Engine::new(device).with(kernels, crate::kernels::Precision::F32)
+    Engine::new(device).with(kernels, crate::config::Precision::Fp32)
 }
 
 /// A known preset, or a usage error listing them.

@@ -41,23 +41,45 @@ impl Engine {
     }
 
     /// The same engine on `kernels` (e.g. as `COLLAPSE_LAB_KERNELS` chose them) with training's
-    /// products in `precision`; bf16 needs the fast engine on a CPU with a bf16 kernel.
-    pub fn with(self, kernels: Kernels, precision: Precision) -> Result<Self> {
-        match self {
-            Engine::Fast(_) => {
-                if precision == Precision::Bf16 && kernels.bf16().is_none() {
-                    return crate::config::usage(format!(
-                        "train.precision = bf16 needs a CPU with AVX512-BF16 or AMX-BF16; this one has {} \
-                         (use fp32)",
-                        kernels.describe()
-                    ));
-                }
-                Ok(Engine::Fast(Compute { kernels, precision }))
+    /// products in `precision`. bf16 needs the fast engine on a CPU with a bf16 kernel;
+    /// fp32-bf16-head-grad runs the head's gradient in f32 where there is none (another engine, a
+    /// CPU without AVX512-BF16 or AMX-BF16, or kernels forced down) and says so once: the default
+    /// preset uses it, and a run must not fail for want of an optional speed-up. What it ran in
+    /// is recorded with what it trains ([`Self::precision_name`]).
+    pub fn with(self, kernels: Kernels, precision: crate::config::Precision) -> Result<Self> {
+        use crate::config::Precision as P;
+        let fallback = |why: String| {
+            static NOTE: std::sync::Once = std::sync::Once::new();
+            NOTE.call_once(|| {
+                eprintln!("note: train.precision = fp32-bf16-head-grad: {why}; the head's gradient runs in fp32")
+            });
+        };
+        match (self, precision) {
+            (Engine::Fast(_), P::Fp32) => Ok(Engine::Fast(Compute::new(kernels, Precision::F32))),
+            (Engine::Fast(_), P::Bf16) if kernels.bf16().is_some() => {
+                Ok(Engine::Fast(Compute::new(kernels, Precision::Bf16)))
             }
-            Engine::Candle(_) if precision == Precision::Bf16 => crate::config::usage(
+            (Engine::Fast(_), P::Bf16) => crate::config::usage(format!(
+                "train.precision = bf16 needs a CPU with AVX512-BF16 or AMX-BF16; this one has {} (use fp32)",
+                kernels.describe()
+            )),
+            (Engine::Fast(_), P::Fp32Bf16HeadGrad) => {
+                let head_grad = if kernels.bf16().is_some() {
+                    Precision::Bf16
+                } else {
+                    fallback(format!("this CPU has {}, no bf16 kernel", kernels.describe()));
+                    Precision::F32
+                };
+                Ok(Engine::Fast(Compute { head_grad, ..Compute::new(kernels, Precision::F32) }))
+            }
+            (Engine::Candle(_), P::Bf16) => crate::config::usage(
                 "train.precision = bf16 runs on the fast CPU engine only (use fp32 with --device cuda)",
             ),
-            candle => Ok(candle),
+            (Engine::Candle(d), P::Fp32Bf16HeadGrad) => {
+                fallback(format!("candle on {d:?} trains in fp32 only"));
+                Ok(Engine::Candle(d))
+            }
+            (candle, P::Fp32) => Ok(candle),
         }
     }
 
@@ -67,18 +89,15 @@ impl Engine {
             Engine::Fast(c) => c.kernels,
             Engine::Candle(_) => Kernels::detect(),
         };
-        let p = match precision {
-            crate::config::Precision::Fp32 => Precision::F32,
-            crate::config::Precision::Bf16 => Precision::Bf16,
-        };
-        self.with(kernels, p)
+        self.with(kernels, precision)
     }
 
     /// The kernels and precision of the fast engine (what `bench` prints).
     pub fn describe(&self) -> String {
         match self {
             Engine::Fast(c) => {
-                format!("fast engine, {}, training in {:?}", c.kernels.describe(), c.precision)
+                let head = if c.head_grad != c.precision { " (the head's gradient in bf16)" } else { "" };
+                format!("fast engine, {}, training in {:?}{head}", c.kernels.describe(), c.precision)
             }
             Engine::Candle(d) => format!("candle on {d:?}"),
         }
@@ -100,6 +119,7 @@ impl Engine {
     pub fn precision_name(&self) -> &'static str {
         match self {
             Engine::Fast(c) if c.precision == Precision::Bf16 => "fast-bf16",
+            Engine::Fast(c) if c.head_grad == Precision::Bf16 => "fast-fp32-bf16-head-grad",
             Engine::Fast(_) => "fast-fp32",
             Engine::Candle(d) if d.is_cpu() => "candle-cpu-fp32",
             Engine::Candle(_) => "candle-cuda-fp32",

@@ -19,17 +19,31 @@ pub fn last_rows(a: &[f32], rows: usize, t: usize, width: usize) -> Vec<f32> {
 pub struct Compute {
     pub kernels: Kernels,
     pub precision: Precision,
+    /// The head's two backward products (d lnf = dlogits·wte and d wte += dlogitsᵀ·lnf: with a
+    /// word-sized vocabulary most of a training step's FLOPs): `precision`, or bf16 while every
+    /// other product, the forward included, stays f32 (`train.precision = fp32-bf16-head-grad`).
+    pub head_grad: Precision,
 }
 
 impl Compute {
+    /// Every product in `precision` on `kernels`.
+    pub fn new(kernels: Kernels, precision: Precision) -> Self {
+        Self { kernels, precision, head_grad: precision }
+    }
+
     /// f32 on the best kernels of this CPU (what tests use; the engine reads the environment).
     pub fn fp32() -> Self {
-        Self { kernels: Kernels::detect(), precision: Precision::F32 }
+        Self::new(Kernels::detect(), Precision::F32)
     }
 
     /// The same kernels, in f32.
     pub fn f32(self) -> Self {
-        Self { precision: Precision::F32, ..self }
+        Self::new(self.kernels, Precision::F32)
+    }
+
+    /// The head's backward products: on these kernels, in `head_grad`.
+    pub fn head_backward(self) -> Self {
+        Self::new(self.kernels, self.head_grad)
     }
 }
 
