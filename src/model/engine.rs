@@ -51,7 +51,9 @@ impl Engine {
         let fallback = |why: String| {
             static NOTE: std::sync::Once = std::sync::Once::new();
             NOTE.call_once(|| {
-                eprintln!("note: train.precision = fp32-bf16-head-grad: {why}; the head's gradient runs in fp32")
+                eprintln!(
+                    "note: train.precision = fp32-bf16-head-grad: {why}; the head's gradient runs in fp32"
+                )
             });
         };
         match (self, precision) {
@@ -351,5 +353,41 @@ impl Trainer {
             Trainer::Fast(f) => f.weights(),
             Trainer::Candle(c) => c.model.weights()?,
         })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::config::Precision as P;
+
+    /// What each `train.precision` runs in on the fast engine: fp32-bf16-head-grad puts the head's
+    /// gradient in bf16 only where a bf16 kernel exists and falls back to fp32 (recorded as
+    /// "fast-fp32", so it shares no base with the bf16 head) where the kernels are capped at AVX2;
+    /// bf16 without a kernel is a usage error, not a fallback.
+    #[test]
+    fn precision_values_pick_the_products_and_record_them() {
+        let fast = || Engine::Fast(Compute::fp32());
+        let avx2 = Kernels::parse("avx2").unwrap();
+        assert_eq!(avx2.bf16(), None);
+        let e = fast().with(avx2, P::Fp32Bf16HeadGrad).unwrap();
+        assert_eq!(e.precision_name(), "fast-fp32");
+        assert!(
+            matches!(e, Engine::Fast(c) if c.head_grad == Precision::F32 && c.precision == Precision::F32)
+        );
+        let err = fast().with(avx2, P::Bf16).unwrap_err();
+        assert!(err.downcast_ref::<crate::config::UsageError>().is_some(), "{err:#}");
+        assert_eq!(fast().with(avx2, P::Fp32).unwrap().precision_name(), "fast-fp32");
+        let best = Kernels::detect();
+        if best.bf16().is_none() {
+            eprintln!("skipped: the bf16 half of precision_values_pick_the_products_and_record_them: this CPU has {}", best.describe());
+            return;
+        }
+        let e = fast().with(best, P::Fp32Bf16HeadGrad).unwrap();
+        assert_eq!(e.precision_name(), "fast-fp32-bf16-head-grad");
+        assert!(
+            matches!(e, Engine::Fast(c) if c.head_grad == Precision::Bf16 && c.precision == Precision::F32)
+        );
+        assert_eq!(fast().with(best, P::Bf16).unwrap().precision_name(), "fast-bf16");
     }
 }
