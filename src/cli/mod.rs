@@ -1201,10 +1201,11 @@ fn sweep(a: SweepArgs) -> Result<()> {
         if !a.quiet {
             println!("== {name}");
         }
-        // Each grid point is an ordinary run: a finished one is kept, an interrupted one resumed.
+        // Each grid point is an ordinary run: a finished one is kept, an interrupted one resumed,
+        // and either extended to --generations when that asks for more (as `resume --generations`).
         let mut obs = table::observer(a.quiet);
         let done = if opts.out.join(run_dir::RUN_JSON).exists() {
-            recursion::continue_run(&opts, None, obs.as_mut())?
+            recursion::continue_run(&opts, a.generations, obs.as_mut())?
         } else {
             recursion::start_run(cfg, &opts, false, obs.as_mut())?
         };
