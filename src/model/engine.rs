@@ -117,6 +117,17 @@ impl Engine {
         !self.device().is_cpu()
     }
 
+    /// The `train.precision` this engine actually trains in: fp32-bf16-head-grad that fell back is
+    /// fp32 (a base's spec records this, so the same arithmetic gets the same cache key).
+    pub fn effective_precision(&self) -> crate::config::Precision {
+        use crate::config::Precision as P;
+        match self {
+            Engine::Fast(c) if c.precision == Precision::Bf16 => P::Bf16,
+            Engine::Fast(c) if c.head_grad == Precision::Bf16 => P::Fp32Bf16HeadGrad,
+            _ => P::Fp32,
+        }
+    }
+
     /// The engine and its arithmetic, as recorded with what it trains (a base's cache key).
     pub fn precision_name(&self) -> &'static str {
         match self {
@@ -363,7 +374,8 @@ mod tests {
 
     /// What each `train.precision` runs in on the fast engine: fp32-bf16-head-grad puts the head's
     /// gradient in bf16 only where a bf16 kernel exists and falls back to fp32 (recorded as
-    /// "fast-fp32", so it shares no base with the bf16 head) where the kernels are capped at AVX2;
+    /// "fast-fp32" and effectively fp32, so its base is the fp32 one) where the kernels are capped
+    /// at AVX2;
     /// bf16 without a kernel is a usage error, not a fallback.
     #[test]
     fn precision_values_pick_the_products_and_record_them() {
@@ -371,7 +383,7 @@ mod tests {
         let avx2 = Kernels::parse("avx2").unwrap();
         assert_eq!(avx2.bf16(), None);
         let e = fast().with(avx2, P::Fp32Bf16HeadGrad).unwrap();
-        assert_eq!(e.precision_name(), "fast-fp32");
+        assert_eq!((e.precision_name(), e.effective_precision()), ("fast-fp32", P::Fp32));
         assert!(
             matches!(e, Engine::Fast(c) if c.head_grad == Precision::F32 && c.precision == Precision::F32)
         );
@@ -384,7 +396,10 @@ mod tests {
             return;
         }
         let e = fast().with(best, P::Fp32Bf16HeadGrad).unwrap();
-        assert_eq!(e.precision_name(), "fast-fp32-bf16-head-grad");
+        assert_eq!(
+            (e.precision_name(), e.effective_precision()),
+            ("fast-fp32-bf16-head-grad", P::Fp32Bf16HeadGrad)
+        );
         assert!(
             matches!(e, Engine::Fast(c) if c.head_grad == Precision::Bf16 && c.precision == Precision::F32)
         );

@@ -809,6 +809,15 @@ mod tests {
             }
             let mut fast = Trainer::new(Compute { kernels, precision, head_grad }, &cfg, &w0);
             let got_loss = fast.forward_backward(&x, &y, b, t);
+            if precision == Precision::F32 && head_grad == Precision::Bf16 {
+                // The head's gradient did go through bf16: it differs from the fp32 one (bf16 moves
+                // nearly every entry), while the loss, from the fp32 forward, is the same bits.
+                let mut f32 = Trainer::new(Compute::new(kernels, Precision::F32), &cfg, &w0);
+                assert_eq!(f32.forward_backward(&x, &y, b, t).to_bits(), got_loss.to_bits(), "{name}: loss");
+                let (g, r) = (fast.grads().swap_remove(0), f32.grads().swap_remove(0));
+                assert!(g.0 == r.0 && g.0.contains("wte"), "{name}: {} first", g.0);
+                assert!(g.1.iter().zip(&r.1).any(|(a, b)| a != b), "{name}: {} is the fp32 one", g.0);
+            }
             for ((gname, g), want) in fast.grads().into_iter().zip(&want) {
                 match head_grad {
                     Precision::F32 => {

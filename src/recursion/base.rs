@@ -97,7 +97,8 @@ pub fn spec(
     BaseSpec {
         format: BASE_FORMAT,
         model: model.clone(),
-        train: cfg.train.clone(),
+        // What the engine trains in, not what was asked: a fallback to fp32 is the fp32 base.
+        train: TrainConfig { precision: engine.effective_precision(), ..cfg.train.clone() },
         block_size: cfg.data.block_size,
         seed: cfg.base.seed,
         tokenizer_sha256: tok.sha256(),
