@@ -388,8 +388,7 @@ fn sweep_runs_the_grid_and_compares_with_confidence_bands() {
     // Resuming the sweep keeps the finished runs.
     let o = run(&[&grid[..], &["--out", out.to_str().unwrap()]].concat());
     assert!(o.status.success() && String::from_utf8_lossy(&o.stdout).matches("is complete").count() == 4);
-    // More --generations extends a finished run (its generations 0 and 1 kept byte for byte); fewer
-    // is a usage error naming the flag, and changes nothing.
+    // More --generations extends a finished run (its generations 0 and 1 kept byte for byte).
     let one = ["sweep", "--preset", "smoke", "--temperature", "1.0", "--seeds", "1", "--quiet", "--out"];
     let run1 = out.join("t1-p1-replace-seed0");
     let before = std::fs::read(run1.join("gen-01/corpus.jsonl")).unwrap();
@@ -398,10 +397,18 @@ fn sweep_runs_the_grid_and_compares_with_confidence_bands() {
     let gens: Vec<String> = rows(&run1).iter().map(|r| r["generation"].to_string()).collect();
     assert_eq!(gens, ["\"real\"", "0", "1", "2"], "extended to 3 generations");
     assert!(std::fs::read(run1.join("gen-01/corpus.jsonl")).unwrap() == before);
-    let o = run(&[&one[..], &[out.to_str().unwrap(), "--generations", "2"]].concat());
+    // The whole grid is checked before any point is touched: with t1-…-seed0 at 4 generations, a
+    // sweep asking 3 of both temperatures refuses (naming it) and leaves t0.7-…-seed0 at 2, where
+    // running the points in order would have extended it first.
+    let o = run(&[&one[..], &[out.to_str().unwrap(), "--generations", "4"]].concat());
+    assert!(o.status.success(), "{}", stderr(&o));
+    let two = ["sweep", "--preset", "smoke", "--temperature", "0.7,1.0", "--seeds", "1", "--quiet", "--out"];
+    let other = out.join("t0.7-p1-replace-seed0");
+    let o = run(&[&two[..], &[out.to_str().unwrap(), "--generations", "3"]].concat());
     assert_eq!(o.status.code(), Some(2), "{}", stderr(&o));
-    assert!(stderr(&o).contains("--generations 2: the run already has 3 generations"), "{}", stderr(&o));
-    assert_eq!(rows(&run1).len(), 4);
+    let want = format!("--generations 3: {} already has 4 generations", run1.display());
+    assert!(stderr(&o).contains(&want), "{}", stderr(&o));
+    assert_eq!((rows(&run1).len(), rows(&other).len()), (5, 3), "real + generations, unchanged");
 }
 
 #[test]

@@ -1187,6 +1187,22 @@ fn sweep(a: SweepArgs) -> Result<()> {
         sets.push(format!("recursion.generations={g}"));
     }
     let runs = crate::compare::sweep_runs(&a.preset, &sets, &axes, a.seeds)?;
+    // A finished grid point is extended to --generations, never shortened: check them all before
+    // any is touched, naming the one that has more.
+    if let Some(n) = a.generations {
+        for (name, _) in &runs {
+            let dir = a.out.join(name);
+            if dir.join(run_dir::RUN_JSON).exists() {
+                let have = run_dir::load_state(&dir)?.generations.len();
+                if have > n {
+                    return usage(format!(
+                        "--generations {n}: {} already has {have} generations (a run is extended, never shortened)",
+                        dir.display()
+                    ));
+                }
+            }
+        }
+    }
     let engine = engine(&a.common.device)?;
     let mut dirs = Vec::new();
     for (name, cfg) in runs {
