@@ -151,10 +151,32 @@ pub(super) unsafe fn pack_a(
         }
     };
     if lhs.col == 1 {
-        // Rows are contiguous: each 16 rows from start to end, 16 sequential streams.
-        for r0 in (0..group).step_by(16) {
+        // Rows are contiguous: row by row, one stream in and one out, 32 values at a time.
+        for i in 0..group {
+            let dst = out.wrapping_add(i * k_pad);
+            if i >= rows {
+                // SAFETY: row i < group of `out`, k_pad elements.
+                unsafe { std::ptr::write_bytes(dst, 0, k_pad) };
+                continue;
+            }
+            let src = lhs.ptr.wrapping_add((i0 + i) * lhs.row);
             for c0 in (0..k_pad).step_by(32) {
-                block(r0, c0);
+                // SAFETY: the masked lanes are columns c0.. below k of row i0 + i, readable; the
+                // store is columns c0..c0 + 32 ≤ k_pad of row i of `out`.
+                unsafe {
+                    let (lo, hi) = if c0 + 32 <= k {
+                        (_mm512_loadu_ps(src.add(c0)), _mm512_loadu_ps(src.add(c0 + 16)))
+                    } else {
+                        (
+                            _mm512_maskz_loadu_ps(mask16(k.saturating_sub(c0)), src.wrapping_add(c0)),
+                            _mm512_maskz_loadu_ps(
+                                mask16(k.saturating_sub(c0 + 16)),
+                                src.wrapping_add(c0 + 16),
+                            ),
+                        )
+                    };
+                    _mm512_storeu_si512(dst.add(c0).cast(), to_bf16x32(lo, hi));
+                }
             }
         }
     } else {
@@ -199,6 +221,30 @@ pub(super) unsafe fn pack_b_tiles(
     k_pad: usize,
     out: *mut u16,
 ) {
+    if rhs.col == 1 {
+        // Rows are contiguous: a pair of rows at a time, 16 columns of each per tile, converted
+        // and interleaved into the tile's pair-row.
+        let interleave = interleave();
+        for r in 0..k_pad / 2 {
+            let (p0, p1) = (2 * r, 2 * r + 1);
+            for t in 0..count {
+                let j0 = (t0 + t) * TILE_N;
+                let mask = mask16(n.saturating_sub(j0));
+                let row = |p: usize| {
+                    if p < k {
+                        // SAFETY: the masked lanes are columns j0.. below n of row p < k.
+                        unsafe { _mm512_maskz_loadu_ps(mask, rhs.ptr.wrapping_add(p * rhs.row + j0)) }
+                    } else {
+                        _mm512_setzero_ps()
+                    }
+                };
+                let pair = _mm512_permutexvar_epi16(interleave, to_bf16x32(row(p0), row(p1)));
+                // SAFETY: pair-row r of tile t, 64 bytes inside `out` (contract).
+                unsafe { _mm512_storeu_si512(out.add(t * k_pad * TILE_N + 2 * TILE_N * r).cast(), pair) };
+            }
+        }
+        return;
+    }
     for k0 in (0..k_pad).step_by(32) {
         for t in 0..count {
             // SAFETY: chunk k0 of tile t0 + t, inside `out` (contract).

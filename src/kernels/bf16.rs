@@ -375,7 +375,8 @@ pub(super) enum Schedule {
     Columns,
 }
 
-/// `super::matmul` for [`super::Precision::Bf16`].
+/// `super::matmul` for [`super::Precision::Bf16`], plus `bias` (n floats) added to every row on
+/// the way out (only with a bf16 kernel: [`super::matmul_bias`] adds it otherwise).
 ///
 /// # Safety
 /// As [`super::matmul`].
@@ -391,16 +392,19 @@ pub(super) unsafe fn matmul_bf16(
     lhs: Mat,
     rhs: Mat,
     scale: f32,
+    bias: Option<&[f32]>,
     parallel: bool,
 ) {
     let Some(kind) = kernels.bf16() else {
+        assert!(bias.is_none(), "a bias is added by the bf16 kernels only");
         // SAFETY: forwarded.
         return unsafe { emulate(kernels, m, n, k, dst, dst_row, accumulate, lhs, rhs, scale, parallel) };
     };
     // SAFETY: forwarded; a bf16 kernel implies AVX512_BF16 and AVX-512F/BW (Kernels::detect).
     let (a, b) =
         unsafe { (PackedA::new(lhs, m, k, true, parallel), PackedB::new(rhs, k, n, true, parallel)) };
-    let out = Out { dst: SharedPtr(dst), dst_row, e: Epilogue { scale, accumulate, bias: std::ptr::null() } };
+    let bias = bias.map_or(std::ptr::null(), |b| b.as_ptr());
+    let out = Out { dst: SharedPtr(dst), dst_row, e: Epilogue { scale, accumulate, bias } };
     // SAFETY: forwarded; `a` and `b` pack lhs and rhs.
     unsafe { gemm_packed(kind, &a, &b, out, Schedule::Blocks { parallel }) };
 }

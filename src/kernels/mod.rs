@@ -39,6 +39,7 @@ mod tests;
 pub use bf16::matmul_bf16_reference;
 pub use detect::{Bf16Kernel, Fp32Kernel, Kernels, ENV_VAR};
 pub use packed::{packed_matmul, PackedWeights};
+use rayon::prelude::*;
 
 /// The arithmetic of a product.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -116,7 +117,54 @@ pub unsafe fn matmul(
             fp32::matmul_f32(kernels.fp32(), m, n, k, dst, dst_row, accumulate, lhs, rhs, scale, parallel)
         },
         Precision::Bf16 => unsafe {
-            bf16::matmul_bf16(kernels, m, n, k, dst, dst_row, accumulate, lhs, rhs, scale, parallel)
+            bf16::matmul_bf16(kernels, m, n, k, dst, dst_row, accumulate, lhs, rhs, scale, None, parallel)
         },
+    }
+}
+
+/// dst (m × n, rows `dst_row` apart) = lhs (m × k) · rhs (k × n) + bias (n, added to every row):
+/// [`matmul`] then the bias, which the bf16 kernels add on the way out (one pass over dst fewer),
+/// giving the same values as adding it afterwards.
+///
+/// # Safety
+/// As [`matmul`]; `bias` holds n floats.
+#[allow(clippy::too_many_arguments)]
+pub unsafe fn matmul_bias(
+    kernels: Kernels,
+    precision: Precision,
+    m: usize,
+    n: usize,
+    k: usize,
+    dst: *mut f32,
+    dst_row: usize,
+    lhs: Mat,
+    rhs: Mat,
+    bias: &[f32],
+    parallel: bool,
+) {
+    assert_eq!(bias.len(), n, "bias of another width");
+    if m == 0 || n == 0 {
+        return;
+    }
+    if precision == Precision::Bf16 && kernels.bf16().is_some() {
+        // SAFETY: forwarded; the bias holds n floats.
+        return unsafe {
+            bf16::matmul_bf16(kernels, m, n, k, dst, dst_row, false, lhs, rhs, 1.0, Some(bias), parallel)
+        };
+    }
+    // SAFETY: forwarded.
+    unsafe { matmul(kernels, precision, m, n, k, dst, dst_row, false, lhs, rhs, 1.0, parallel) };
+    let dst = bf16::SharedPtr(dst);
+    let add = |i: usize| {
+        // SAFETY: row i of dst, n floats, written by this task alone.
+        let row = unsafe { std::slice::from_raw_parts_mut(dst.get().add(i * dst_row), n) };
+        for (o, b) in row.iter_mut().zip(bias) {
+            *o += b;
+        }
+    };
+    if parallel {
+        (0..m).into_par_iter().for_each(add);
+    } else {
+        (0..m).for_each(add);
     }
 }

@@ -391,6 +391,69 @@ fn bf16_emulated_on_avx2() {
 }
 
 /// Same bytes from two calls, and from 1 and 2 threads, for every path present.
+/// `matmul_bias` gives, bit for bit, what `matmul` then adding the bias to each row gives, on
+/// every path this CPU has (the bf16 kernels add it on the way out; the others after), on every
+/// case with scale 1 and no accumulation; dst's padding is untouched.
+#[test]
+fn bias_on_the_way_out_is_adding_it_after() {
+    let mut rng = Rng(0xB1A5_0001);
+    let mut paths = vec![(Kernels::portable(), Precision::F32), (Kernels::portable(), Precision::Bf16)];
+    for (value, precision) in [
+        ("avx2", Precision::F32),
+        ("avx512", Precision::F32),
+        ("avx512", Precision::Bf16),
+        ("auto", Precision::Bf16),
+    ] {
+        let k = Kernels::parse(value).unwrap();
+        if !paths.contains(&(k, precision)) {
+            paths.push((k, precision));
+        }
+    }
+    let bits = |v: &[f32]| v.iter().map(|x| x.to_bits()).collect::<Vec<_>>();
+    for c in cases() {
+        let c = Case { accumulate: false, scale: 1.0, ..c };
+        let x = inputs(&c, &mut rng, false);
+        let bias: Vec<f32> = (0..c.n).map(|_| rng.f32()).collect();
+        for &(kernels, precision) in &paths {
+            let mut want = run(kernels, precision, &c, &x, true);
+            for row in want.chunks_mut(x.dst_row).take(c.m) {
+                for (o, b) in row.iter_mut().zip(&bias) {
+                    *o += b;
+                }
+            }
+            let mut got = x.dst.clone();
+            // SAFETY: as in `run`; the bias holds n floats.
+            unsafe {
+                matmul_bias(
+                    kernels,
+                    precision,
+                    c.m,
+                    c.n,
+                    c.k,
+                    got.as_mut_ptr(),
+                    x.dst_row,
+                    x.a.mat(),
+                    x.b.mat(),
+                    &bias,
+                    true,
+                )
+            };
+            if c.m > 0 && c.n > 0 && c.k > 0 {
+                assert_ne!(
+                    bits(&got),
+                    bits(&x.dst),
+                    "{precision:?} {}: {c:?} wrote nothing",
+                    kernels.describe()
+                );
+            }
+            assert_eq!(bits(&got), bits(&want), "{precision:?} {}: {c:?}", kernels.describe());
+        }
+    }
+    for (kernels, precision) in paths {
+        eprintln!("bias on the way out: {precision:?} {}", kernels.describe());
+    }
+}
+
 #[test]
 fn deterministic() {
     let c = Case {

@@ -215,7 +215,7 @@ pub unsafe fn attention(
     );
 }
 
-use crate::kernels::matmul;
+use crate::kernels::{matmul, matmul_bias};
 
 /// out (n_rows, oc) = inp (n_rows, ic) · W^T (W: (oc, ic)) + bias.
 #[allow(clippy::too_many_arguments)]
@@ -229,30 +229,39 @@ pub fn matmul_forward(
     ic: usize,
     oc: usize,
 ) {
+    let (lhs, rhs) = (Mat::row_major(inp.as_ptr(), ic), Mat::transposed(w.as_ptr(), ic));
     // SAFETY: the slices hold n_rows·oc, n_rows·ic and oc·ic elements laid out row-major, which is
-    // what the strides below describe; `out` does not alias the inputs.
+    // what the strides describe; the bias (matmul_bias checks) oc; `out` does not alias the inputs.
     unsafe {
-        matmul(
-            c.kernels,
-            c.precision,
-            n_rows,
-            oc,
-            ic,
-            out.as_mut_ptr(),
-            oc,
-            false,
-            Mat::row_major(inp.as_ptr(), ic),
-            Mat::transposed(w.as_ptr(), ic),
-            1.0,
-            true,
-        );
-    }
-    if let Some(bias) = bias {
-        out.par_chunks_mut(oc).for_each(|row| {
-            for (o, b) in row.iter_mut().zip(bias) {
-                *o += b;
-            }
-        });
+        match bias {
+            Some(bias) => matmul_bias(
+                c.kernels,
+                c.precision,
+                n_rows,
+                oc,
+                ic,
+                out.as_mut_ptr(),
+                oc,
+                lhs,
+                rhs,
+                bias,
+                true,
+            ),
+            None => matmul(
+                c.kernels,
+                c.precision,
+                n_rows,
+                oc,
+                ic,
+                out.as_mut_ptr(),
+                oc,
+                false,
+                lhs,
+                rhs,
+                1.0,
+                true,
+            ),
+        }
     }
 }
 
@@ -302,11 +311,16 @@ pub fn matmul_backward(
         );
     }
     if let Some(db) = dbias {
-        for row in dout.chunks(oc) {
-            for (d, x) in db.iter_mut().zip(row) {
-                *d += x;
+        // Blocks of columns in parallel, each summed over the rows in order (so the same sums
+        // whatever the threads).
+        db.par_chunks_mut(64).enumerate().for_each(|(blk, db)| {
+            let j0 = blk * 64;
+            for row in dout.chunks(oc) {
+                for (d, x) in db.iter_mut().zip(&row[j0..]) {
+                    *d += x;
+                }
             }
-        }
+        });
     }
 }
 
@@ -515,6 +529,71 @@ mod wide {
         _mm512_maskz_mov_ps(!underflow, _mm512_mul_ps(p, _mm512_castsi512_ps(two_n)))
     }
 
+    /// [`super::fast_tanh`] of each lane.
+    #[target_feature(enable = "avx512f")]
+    #[inline]
+    fn tanh16(u: __m512) -> __m512 {
+        let c = _mm512_set1_ps;
+        let e = exp16(_mm512_mul_ps(c(2.0), u));
+        _mm512_sub_ps(c(1.0), _mm512_div_ps(c(2.0), _mm512_add_ps(e, c(1.0))))
+    }
+
+    /// GELU_S · (v + 0.044715·v·v·v), as [`super::gelu`] forms it.
+    #[target_feature(enable = "avx512f")]
+    #[inline]
+    fn gelu_arg16(v: __m512) -> __m512 {
+        let c = _mm512_set1_ps;
+        let cube = _mm512_mul_ps(_mm512_mul_ps(_mm512_mul_ps(c(0.044715), v), v), v);
+        _mm512_mul_ps(c(super::GELU_S), _mm512_add_ps(v, cube))
+    }
+
+    /// out ← [`super::gelu`] of inp over the whole chunks of 16; returns how many entries.
+    ///
+    /// # Safety
+    /// The CPU has AVX-512F; `out` and `inp` have the same length.
+    #[target_feature(enable = "avx512f")]
+    pub(super) unsafe fn gelu16(out: &mut [f32], inp: &[f32]) -> usize {
+        let c = _mm512_set1_ps;
+        for (o, x) in out.chunks_exact_mut(16).zip(inp.chunks_exact(16)) {
+            // SAFETY: 16 floats each.
+            unsafe {
+                let v = _mm512_loadu_ps(x.as_ptr());
+                let th = tanh16(gelu_arg16(v));
+                let y = _mm512_mul_ps(_mm512_mul_ps(c(0.5), v), _mm512_add_ps(c(1.0), th));
+                _mm512_storeu_ps(o.as_mut_ptr(), y);
+            }
+        }
+        out.len().min(inp.len()) / 16 * 16
+    }
+
+    /// d ← d · [`super::gelu_grad`] of inp over the whole chunks of 16; returns how many entries.
+    ///
+    /// # Safety
+    /// The CPU has AVX-512F; `d` and `inp` have the same length.
+    #[target_feature(enable = "avx512f")]
+    pub(super) unsafe fn gelu_grad16_mul(d: &mut [f32], inp: &[f32]) -> usize {
+        let c = _mm512_set1_ps;
+        for (d, x) in d.chunks_exact_mut(16).zip(inp.chunks_exact(16)) {
+            // SAFETY: 16 floats each.
+            unsafe {
+                let v = _mm512_loadu_ps(x.as_ptr());
+                let th = tanh16(gelu_arg16(v));
+                let sech2 = _mm512_sub_ps(c(1.0), _mm512_mul_ps(th, th));
+                // 0.5·(1 + th) + 0.5·v·sech2·GELU_S·(1 + 3·0.044715·v·v), left to right.
+                let left = _mm512_mul_ps(c(0.5), _mm512_add_ps(c(1.0), th));
+                let inner = _mm512_add_ps(c(1.0), _mm512_mul_ps(_mm512_mul_ps(c(3.0 * 0.044715), v), v));
+                let right = _mm512_mul_ps(
+                    _mm512_mul_ps(_mm512_mul_ps(_mm512_mul_ps(c(0.5), v), sech2), c(super::GELU_S)),
+                    inner,
+                );
+                let grad = _mm512_add_ps(left, right);
+                let dv = _mm512_loadu_ps(d.as_ptr());
+                _mm512_storeu_ps(d.as_mut_ptr(), _mm512_mul_ps(dv, grad));
+            }
+        }
+        d.len().min(inp.len()) / 16 * 16
+    }
+
     /// acc[i] += e^(x[16j + i] − m) over the whole chunks of 16.
     ///
     /// # Safety
@@ -586,24 +665,63 @@ fn fast_tanh(u: f32) -> f32 {
 
 /// GELU, tanh approximation (candle's `gelu`, GPT-2's).
 pub fn gelu_forward(out: &mut [f32], inp: &[f32]) {
+    gelu_forward_on(wide_exp(), out, inp)
+}
+
+/// [`gelu_forward`] in its AVX-512 form (`wide`, same bits) or the portable one.
+pub fn gelu_forward_on(wide: bool, out: &mut [f32], inp: &[f32]) {
     out.par_chunks_mut(4096).zip(inp.par_chunks(4096)).for_each(|(o, x)| {
-        for i in 0..o.len() {
-            let v = x[i];
-            o[i] = 0.5 * v * (1.0 + fast_tanh(GELU_S * (v + 0.044715 * v * v * v)));
+        #[cfg(target_arch = "x86_64")]
+        let done = if wide {
+            // SAFETY: `wide` comes from [`wide_exp`] (or a test that checked): the CPU has AVX-512F.
+            unsafe { wide::gelu16(o, x) }
+        } else {
+            0
+        };
+        #[cfg(not(target_arch = "x86_64"))]
+        let done = 0;
+        let _ = wide;
+        for i in done..o.len() {
+            o[i] = gelu(x[i]);
         }
     });
 }
 
+/// GELU of one value (what the AVX-512 form computes, operation for operation).
+#[inline(always)]
+fn gelu(v: f32) -> f32 {
+    0.5 * v * (1.0 + fast_tanh(GELU_S * (v + 0.044715 * v * v * v)))
+}
+
+/// gelu'(v).
+#[inline(always)]
+fn gelu_grad(v: f32) -> f32 {
+    let u = GELU_S * (v + 0.044715 * v * v * v);
+    let th = fast_tanh(u);
+    let sech2 = 1.0 - th * th;
+    0.5 * (1.0 + th) + 0.5 * v * sech2 * GELU_S * (1.0 + 3.0 * 0.044715 * v * v)
+}
+
 /// d inp = d out · gelu'(inp), in place on `d`.
 pub fn gelu_backward(d: &mut [f32], inp: &[f32]) {
+    gelu_backward_on(wide_exp(), d, inp)
+}
+
+/// [`gelu_backward`] in its AVX-512 form (`wide`, same bits) or the portable one.
+pub fn gelu_backward_on(wide: bool, d: &mut [f32], inp: &[f32]) {
     d.par_chunks_mut(4096).zip(inp.par_chunks(4096)).for_each(|(d, x)| {
-        for i in 0..d.len() {
-            let v = x[i];
-            let u = GELU_S * (v + 0.044715 * v * v * v);
-            let th = fast_tanh(u);
-            let sech2 = 1.0 - th * th;
-            let grad = 0.5 * (1.0 + th) + 0.5 * v * sech2 * GELU_S * (1.0 + 3.0 * 0.044715 * v * v);
-            d[i] *= grad;
+        #[cfg(target_arch = "x86_64")]
+        let done = if wide {
+            // SAFETY: as in gelu_forward_on.
+            unsafe { wide::gelu_grad16_mul(d, x) }
+        } else {
+            0
+        };
+        #[cfg(not(target_arch = "x86_64"))]
+        let done = 0;
+        let _ = wide;
+        for i in done..d.len() {
+            d[i] *= gelu_grad(x[i]);
         }
     });
 }
@@ -741,9 +859,14 @@ mod tests {
         assert_eq!((fast_exp(-1000.0), fast_exp(f32::NEG_INFINITY), fast_exp(f32::NAN)), (0.0, 0.0, 0.0));
     }
 
-    /// The AVX-512 exp loops give the portable ones' bits: every entry and every sum, on rows of
+    /// The AVX-512 exp and GELU loops give the portable ones' bits: every entry and every sum (and
+    /// GELU and its derivative), on rows of
     /// every length up to 40 and a 33,278-word one, over special values and the whole range
     /// (underflow, the clamp at 88, NaN, ±∞, ±0, denormals, both sides of the cut-offs).
+    fn bits(x: &[f32]) -> Vec<u32> {
+        x.iter().map(|v| v.to_bits()).collect()
+    }
+
     #[test]
     #[cfg(target_arch = "x86_64")]
     fn wide_exp_loops_give_the_portable_bits() {
@@ -788,6 +911,15 @@ mod tests {
             for (m, scale) in [(0.0, 1.0), (3.5, 1.0), (-2.0, 1.0 / 0.7), (1.0, 1.25)] {
                 let (wide, portable) = (sum_exp_on(true, row, m), sum_exp_on(false, row, m));
                 assert_eq!(wide.to_bits(), portable.to_bits(), "sum_exp over {} entries, m = {m}", row.len());
+                let (mut a, mut b) = (row.clone(), row.clone());
+                gelu_forward_on(true, &mut a, row);
+                gelu_forward_on(false, &mut b, row);
+                assert_eq!(bits(&a), bits(&b), "gelu over {} entries", row.len());
+                let d: Vec<f32> = row.iter().map(|x| x * 0.37 - m).collect();
+                let (mut a, mut b) = (d.clone(), d);
+                gelu_backward_on(true, &mut a, row);
+                gelu_backward_on(false, &mut b, row);
+                assert_eq!(bits(&a), bits(&b), "gelu backward over {} entries", row.len());
                 let (mut a, mut b) = (row.clone(), row.clone());
                 exp_in_place_on(true, &mut a, m, scale);
                 exp_in_place_on(false, &mut b, m, scale);
