@@ -375,38 +375,30 @@ pub(super) enum Schedule {
     Columns,
 }
 
-/// `super::matmul` for [`super::Precision::Bf16`], plus `bias` (n floats) added to every row on
-/// the way out (only with a bf16 kernel: [`super::matmul_bias`] adds it otherwise).
+/// `super::matmul_rhs` on a bf16 kernel with B packed: A packed here, then the product, `bias`
+/// (n floats) added to every row on the way out.
 ///
 /// # Safety
-/// As [`super::matmul`].
+/// As [`super::matmul`], lhs m × b.k; the CPU has `kind`.
 #[allow(clippy::too_many_arguments)]
-pub(super) unsafe fn matmul_bf16(
-    kernels: Kernels,
+pub(super) unsafe fn matmul_packed_rhs(
+    kind: Bf16Kernel,
     m: usize,
-    n: usize,
-    k: usize,
     dst: *mut f32,
     dst_row: usize,
     accumulate: bool,
     lhs: Mat,
-    rhs: Mat,
+    b: &PackedB,
     scale: f32,
     bias: Option<&[f32]>,
     parallel: bool,
 ) {
-    let Some(kind) = kernels.bf16() else {
-        assert!(bias.is_none(), "a bias is added by the bf16 kernels only");
-        // SAFETY: forwarded.
-        return unsafe { emulate(kernels, m, n, k, dst, dst_row, accumulate, lhs, rhs, scale, parallel) };
-    };
     // SAFETY: forwarded; a bf16 kernel implies AVX512_BF16 and AVX-512F/BW (Kernels::detect).
-    let (a, b) =
-        unsafe { (PackedA::new(lhs, m, k, true, parallel), PackedB::new(rhs, k, n, true, parallel)) };
+    let a = unsafe { PackedA::new(lhs, m, b.k, true, parallel) };
     let bias = bias.map_or(std::ptr::null(), |b| b.as_ptr());
     let out = Out { dst: SharedPtr(dst), dst_row, e: Epilogue { scale, accumulate, bias } };
-    // SAFETY: forwarded; `a` and `b` pack lhs and rhs.
-    unsafe { gemm_packed(kind, &a, &b, out, Schedule::Blocks { parallel }) };
+    // SAFETY: forwarded; `a` and `b` pack lhs and rhs for the same k.
+    unsafe { gemm_packed(kind, &a, b, out, Schedule::Blocks { parallel }) };
 }
 
 /// bf16 without a bf16 kernel: round both operands into f32 copies and use the fp32 kernel.
@@ -414,7 +406,7 @@ pub(super) unsafe fn matmul_bf16(
 /// # Safety
 /// As [`super::matmul`].
 #[allow(clippy::too_many_arguments)]
-unsafe fn emulate(
+pub(super) unsafe fn emulate(
     kernels: Kernels,
     m: usize,
     n: usize,

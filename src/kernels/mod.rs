@@ -111,14 +111,10 @@ pub unsafe fn matmul(
     if m == 0 || n == 0 {
         return;
     }
-    // SAFETY (both arms): forwarded from this function's contract; `kernels` was detected on this CPU.
-    match precision {
-        Precision::F32 => unsafe {
-            fp32::matmul_f32(kernels.fp32(), m, n, k, dst, dst_row, accumulate, lhs, rhs, scale, parallel)
-        },
-        Precision::Bf16 => unsafe {
-            bf16::matmul_bf16(kernels, m, n, k, dst, dst_row, accumulate, lhs, rhs, scale, None, parallel)
-        },
+    // SAFETY: forwarded from this function's contract; `kernels` was detected on this CPU.
+    unsafe {
+        let rhs = Rhs::new(kernels, precision, rhs, k, n, parallel);
+        matmul_rhs(m, dst, dst_row, accumulate, lhs, &rhs, scale, None, parallel)
     }
 }
 
@@ -142,18 +138,91 @@ pub unsafe fn matmul_bias(
     bias: &[f32],
     parallel: bool,
 ) {
-    assert_eq!(bias.len(), n, "bias of another width");
     if m == 0 || n == 0 {
         return;
     }
-    if precision == Precision::Bf16 && kernels.bf16().is_some() {
-        // SAFETY: forwarded; the bias holds n floats.
-        return unsafe {
-            bf16::matmul_bf16(kernels, m, n, k, dst, dst_row, false, lhs, rhs, 1.0, Some(bias), parallel)
-        };
-    }
     // SAFETY: forwarded.
-    unsafe { matmul(kernels, precision, m, n, k, dst, dst_row, false, lhs, rhs, 1.0, parallel) };
+    unsafe {
+        let rhs = Rhs::new(kernels, precision, rhs, k, n, parallel);
+        matmul_rhs(m, dst, dst_row, false, lhs, &rhs, 1.0, Some(bias), parallel)
+    }
+}
+
+/// The right operand of products (k × n) on given kernels and precision, prepared once: in bf16
+/// with a bf16 kernel it is rounded and packed here, so that several products with the same
+/// right operand (the LM head's weights, one chunk of rows at a time) pack it once; otherwise it
+/// is the matrix itself. A product through it gives the bits of [`matmul`] on the matrix.
+pub struct Rhs {
+    kernels: Kernels,
+    precision: Precision,
+    mat: Mat,
+    k: usize,
+    n: usize,
+    packed: Option<bf16::PackedB>,
+}
+
+impl Rhs {
+    /// `mat` (k × n) for products on `kernels` in `precision`; packed in parallel when `parallel`.
+    ///
+    /// # Safety
+    /// `mat` must be readable at every (p, j) of k × n, and stay so and unchanged while the value
+    /// is used.
+    pub unsafe fn new(
+        kernels: Kernels,
+        precision: Precision,
+        mat: Mat,
+        k: usize,
+        n: usize,
+        parallel: bool,
+    ) -> Rhs {
+        let packed = (precision == Precision::Bf16 && kernels.bf16().is_some())
+            // SAFETY: the contract; a bf16 kernel implies AVX512_BF16 and AVX-512F/BW.
+            .then(|| unsafe { bf16::PackedB::new(mat, k, n, true, parallel) });
+        Rhs { kernels, precision, mat, k, n, packed }
+    }
+}
+
+/// dst (m × rhs's n, rows `dst_row` apart) = [dst +] scale · lhs (m × rhs's k) · rhs [+ bias],
+/// as [`matmul`] (and [`matmul_bias`] with a bias, which requires scale 1 and no accumulation).
+///
+/// # Safety
+/// As [`matmul`]; `rhs`'s matrix still valid; `bias`, if any, holds n floats.
+#[allow(clippy::too_many_arguments)]
+pub unsafe fn matmul_rhs(
+    m: usize,
+    dst: *mut f32,
+    dst_row: usize,
+    accumulate: bool,
+    lhs: Mat,
+    rhs: &Rhs,
+    scale: f32,
+    bias: Option<&[f32]>,
+    parallel: bool,
+) {
+    let (kernels, k, n) = (rhs.kernels, rhs.k, rhs.n);
+    assert!(bias.is_none_or(|b| b.len() == n && scale == 1.0 && !accumulate), "bias of another width");
+    if m == 0 || n == 0 {
+        return;
+    }
+    // SAFETY (every arm): forwarded from this function's contract; `kernels` was detected here.
+    match (&rhs.packed, rhs.precision) {
+        (Some(b), _) => {
+            let kind = kernels.bf16().expect("packed for a bf16 kernel");
+            // SAFETY: lhs is m × k; a bf16 kernel implies AVX512_BF16 and AVX-512F/BW; the bias
+            // holds n floats.
+            unsafe {
+                bf16::matmul_packed_rhs(kind, m, dst, dst_row, accumulate, lhs, b, scale, bias, parallel)
+            };
+            return;
+        }
+        (None, Precision::F32) => unsafe {
+            fp32::matmul_f32(kernels.fp32(), m, n, k, dst, dst_row, accumulate, lhs, rhs.mat, scale, parallel)
+        },
+        (None, Precision::Bf16) => unsafe {
+            bf16::emulate(kernels, m, n, k, dst, dst_row, accumulate, lhs, rhs.mat, scale, parallel)
+        },
+    }
+    let Some(bias) = bias else { return };
     let dst = bf16::SharedPtr(dst);
     let add = |i: usize| {
         // SAFETY: row i of dst, n floats, written by this task alone.

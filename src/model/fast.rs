@@ -14,7 +14,8 @@
 
 use super::ops::{
     add, attention, attention_backward, gelu_backward, gelu_forward, last_rows, layernorm_backward,
-    layernorm_forward, linear, matmul_backward, matmul_forward, max, sum, Compute, KvLayout,
+    layernorm_forward, linear, matmul_backward, matmul_backward_with, matmul_forward_with, max, sum, Compute,
+    KvLayout, WeightRhs,
 };
 use super::{describe, flat_layout, split, split_mut, Block, ModelConfig, Params, Weights};
 use crate::kernels::PackedWeights;
@@ -243,11 +244,14 @@ fn forward_sequences(
     // head's backward runs on the chunk too: d lnf = dlogits · wte, d wte += dlogitsᵀ · lnf.
     let inv_n = 1.0 / bt as f32;
     let chunk = a.head_chunk;
+    // wte prepared (in bf16: packed) once for every chunk's products.
+    let wte_fwd = WeightRhs::forward(cp, w.wte, v, c);
+    let wte_back = head_grad.is_some().then(|| WeightRhs::backward(cp.head_backward(), w.wte, v, c));
     for r0 in (0..bt).step_by(chunk) {
         let rows = chunk.min(bt - r0);
         let logits = &mut a.logits[..rows * v];
         let lnf = &a.lnf[r0 * c..(r0 + rows) * c];
-        matmul_forward(cp, logits, lnf, w.wte, None, rows, c, v);
+        matmul_forward_with(logits, lnf, &wte_fwd, None, rows, c, v);
         let (tgt, losses) = (&targets[r0..r0 + rows], &mut a.losses[r0..r0 + rows]);
         if head_grad.is_none() {
             // Scoring: only −log softmax at the target, in two passes that write nothing.
@@ -275,9 +279,9 @@ fn forward_sequences(
                 x[target] -= inv_n;
             },
         );
-        if let Some(gw) = head_grad.as_deref_mut() {
+        if let (Some(gw), Some(wte_back)) = (head_grad.as_deref_mut(), &wte_back) {
             let d_lnf = &mut a.d_c[r0 * c..(r0 + rows) * c];
-            matmul_backward(cp.head_backward(), d_lnf, gw, None, logits, lnf, w.wte, rows, c, v);
+            matmul_backward_with(cp.head_backward(), d_lnf, gw, None, logits, lnf, wte_back, rows, c, v);
         }
     }
     a.losses.iter().map(|&x| x as f64).sum::<f64>() as f32 * inv_n

@@ -215,7 +215,35 @@ pub unsafe fn attention(
     );
 }
 
-use crate::kernels::{matmul, matmul_bias};
+use crate::kernels::{matmul, matmul_rhs, Rhs};
+
+/// A weight W (oc, ic) as the right operand of its layer's products, prepared once (in bf16,
+/// rounded and packed) for several of them: the LM head's, one chunk of rows at a time.
+pub struct WeightRhs<'a> {
+    rhs: Rhs,
+    /// Whether this is Wᵀ (ic, oc) for the forward product, or W (oc, ic) for d inp.
+    forward: bool,
+    _w: std::marker::PhantomData<&'a [f32]>,
+}
+
+impl<'a> WeightRhs<'a> {
+    /// Wᵀ, for out = inp · Wᵀ on `c`.
+    pub fn forward(c: Compute, w: &'a [f32], oc: usize, ic: usize) -> Self {
+        assert_eq!(w.len(), oc * ic, "weight of another shape");
+        // SAFETY: w holds oc·ic floats, read as (ic, oc) through a transposed view; the borrow
+        // keeps it alive and unchanged while the value lives.
+        let rhs = unsafe { Rhs::new(c.kernels, c.precision, Mat::transposed(w.as_ptr(), ic), ic, oc, true) };
+        Self { rhs, forward: true, _w: std::marker::PhantomData }
+    }
+
+    /// W, for d inp = d out · W on `c`.
+    pub fn backward(c: Compute, w: &'a [f32], oc: usize, ic: usize) -> Self {
+        assert_eq!(w.len(), oc * ic, "weight of another shape");
+        // SAFETY: as in `forward`, read row-major.
+        let rhs = unsafe { Rhs::new(c.kernels, c.precision, Mat::row_major(w.as_ptr(), ic), oc, ic, true) };
+        Self { rhs, forward: false, _w: std::marker::PhantomData }
+    }
+}
 
 /// out (n_rows, oc) = inp (n_rows, ic) · W^T (W: (oc, ic)) + bias.
 #[allow(clippy::too_many_arguments)]
@@ -229,39 +257,35 @@ pub fn matmul_forward(
     ic: usize,
     oc: usize,
 ) {
-    let (lhs, rhs) = (Mat::row_major(inp.as_ptr(), ic), Mat::transposed(w.as_ptr(), ic));
-    // SAFETY: the slices hold n_rows·oc, n_rows·ic and oc·ic elements laid out row-major, which is
-    // what the strides describe; the bias (matmul_bias checks) oc; `out` does not alias the inputs.
+    matmul_forward_with(out, inp, &WeightRhs::forward(c, w, oc, ic), bias, n_rows, ic, oc)
+}
+
+/// [`matmul_forward`] with W prepared beforehand.
+pub fn matmul_forward_with(
+    out: &mut [f32],
+    inp: &[f32],
+    w: &WeightRhs,
+    bias: Option<&[f32]>,
+    n_rows: usize,
+    ic: usize,
+    oc: usize,
+) {
+    assert!(w.forward && out.len() == n_rows * oc && inp.len() == n_rows * ic, "matmul_forward shapes");
+    // SAFETY: the slices hold n_rows·oc and n_rows·ic elements laid out row-major, which is what
+    // the strides describe; W is alive (borrowed by `w`); matmul_rhs checks the bias's length;
+    // `out` does not alias the inputs.
     unsafe {
-        match bias {
-            Some(bias) => matmul_bias(
-                c.kernels,
-                c.precision,
-                n_rows,
-                oc,
-                ic,
-                out.as_mut_ptr(),
-                oc,
-                lhs,
-                rhs,
-                bias,
-                true,
-            ),
-            None => matmul(
-                c.kernels,
-                c.precision,
-                n_rows,
-                oc,
-                ic,
-                out.as_mut_ptr(),
-                oc,
-                false,
-                lhs,
-                rhs,
-                1.0,
-                true,
-            ),
-        }
+        matmul_rhs(
+            n_rows,
+            out.as_mut_ptr(),
+            oc,
+            false,
+            Mat::row_major(inp.as_ptr(), ic),
+            &w.rhs,
+            1.0,
+            bias,
+            true,
+        )
     }
 }
 
@@ -279,22 +303,29 @@ pub fn matmul_backward(
     ic: usize,
     oc: usize,
 ) {
-    // SAFETY: as in matmul_forward; each destination is a separate buffer of the stated size.
+    matmul_backward_with(c, dinp, dw, dbias, dout, inp, &WeightRhs::backward(c, w, oc, ic), n_rows, ic, oc)
+}
+
+/// [`matmul_backward`] with W prepared beforehand (`c` is for d W's product).
+#[allow(clippy::too_many_arguments)]
+pub fn matmul_backward_with(
+    c: Compute,
+    dinp: &mut [f32],
+    dw: &mut [f32],
+    dbias: Option<&mut [f32]>,
+    dout: &[f32],
+    inp: &[f32],
+    w: &WeightRhs,
+    n_rows: usize,
+    ic: usize,
+    oc: usize,
+) {
+    assert!(!w.forward && dinp.len() == n_rows * ic && dw.len() == oc * ic, "matmul_backward shapes");
+    assert!(dout.len() == n_rows * oc && inp.len() == n_rows * ic, "matmul_backward shapes");
+    // SAFETY: as in matmul_forward_with; each destination is a separate buffer of the stated size.
     unsafe {
-        matmul(
-            c.kernels,
-            c.precision,
-            n_rows,
-            ic,
-            oc,
-            dinp.as_mut_ptr(),
-            ic,
-            false,
-            Mat::row_major(dout.as_ptr(), oc),
-            Mat::row_major(w.as_ptr(), ic),
-            1.0,
-            true,
-        );
+        let d_out = Mat::row_major(dout.as_ptr(), oc);
+        matmul_rhs(n_rows, dinp.as_mut_ptr(), ic, false, d_out, &w.rhs, 1.0, None, true);
         matmul(
             c.kernels,
             c.precision,
