@@ -533,12 +533,13 @@ impl Trainer {
                 .zip(m.par_chunks_mut(4096))
                 .zip(v.par_chunks_mut(4096))
                 .for_each(|(((p, g), m), v)| {
-                    for i in 0..p.len() {
-                        let gi = g[i] * s;
-                        m[i] = b1 * m[i] + (1.0 - b1) * gi;
-                        v[i] = b2 * v[i] + (1.0 - b2) * gi * gi;
-                        let update = (m[i] * ic1) / ((v[i] * ic2).sqrt() + 1e-8);
-                        p[i] = p[i] * decay - lr32 * update;
+                    // Zipped, so that the loop has no bounds checks and vectorises.
+                    for (((p, &g), m), v) in p.iter_mut().zip(g).zip(m.iter_mut()).zip(v.iter_mut()) {
+                        let gi = g * s;
+                        *m = b1 * *m + (1.0 - b1) * gi;
+                        *v = b2 * *v + (1.0 - b2) * gi * gi;
+                        let update = (*m * ic1) / ((*v * ic2).sqrt() + 1e-8);
+                        *p = *p * decay - lr32 * update;
                     }
                 });
         }
