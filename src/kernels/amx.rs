@@ -112,7 +112,7 @@ unsafe fn kernel_32x32(
             "test {n}, {n}",
             "jz 3f",
             "2:",
-            // The four loads, then the four products (measured 11-14 % faster in training than
+            // The four loads, then the four products (measured 11-12 % faster in training than
             // loading each tile just before its first product).
             "tileloadd tmm4, [{a0} + {sa}*1]",
             "tileloadd tmm6, [{b0} + {sb}*1]",

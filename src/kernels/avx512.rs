@@ -205,8 +205,9 @@ fn interleave() -> __m512i {
 }
 
 /// Tiles t0..t0 + count (columns 16t0..) of rhs (k × n) in the pair layout of
-/// [`super::bf16::PackedB`], into `out` (count tiles of k_pad·16 elements), 32 k at a time for
-/// all the tiles (so that a row of a row-major rhs is read for all of them at once).
+/// [`super::bf16::PackedB`], into `out` (count tiles of k_pad·16 elements): a row-major rhs a pair
+/// of rows at a time (each row read once, front to back), any other 32 k at a time for all the
+/// tiles.
 ///
 /// # Safety
 /// The CPU has AVX-512F/BW and AVX512_BF16; `rhs` readable on k × n; k_pad a multiple of 32, ≥ k;

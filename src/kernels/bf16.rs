@@ -29,8 +29,9 @@ pub(super) const N_ALIGN: usize = 32;
 /// Rows of packed A are padded to a multiple of this (the AMX kernel's row block).
 pub(super) const ROW_ALIGN: usize = 32;
 /// k per kernel call: a pair of B tiles (32 KiB) and 32 rows of A (32 KiB), mostly in L1; the C
-/// tiles go through the scratch block once per 512 k. (256, which keeps both in L1, was 3-9 %
-/// slower in config A's bf16 training, measured in alternating pairs; the sums are the same.)
+/// tiles go through the scratch block once per 512 k. (256, which keeps both in L1, was slower in
+/// config A's bf16 training: 9 % in the pairwise median of two sets of alternating pairs, 2 % and
+/// 7 % in their medians; the sums are the same.)
 pub(super) const KC: usize = 512;
 /// Columns per task block (and per scratch block): 8 pairs of B tiles.
 const NC: usize = 256;
@@ -513,7 +514,7 @@ pub(super) unsafe fn gemm_packed(kind: Bf16Kernel, a: &PackedA, b: &PackedB, out
 }
 
 /// One task, NC columns at a time; within them k in chunks of [`KC`], each chunk over all the
-/// column pairs (outer: a pair of B tiles stays in L1) and all the row blocks (inner).
+/// column pairs (outer: a pair of B tiles stays mostly in L1) and all the row blocks (inner).
 ///
 /// # Safety
 /// As [`gemm_packed`]; the task's block of dst is written by this call alone.

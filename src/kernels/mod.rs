@@ -118,36 +118,6 @@ pub unsafe fn matmul(
     }
 }
 
-/// dst (m × n, rows `dst_row` apart) = lhs (m × k) · rhs (k × n) + bias (n, added to every row):
-/// [`matmul`] then the bias, which the bf16 kernels add on the way out (one pass over dst fewer),
-/// giving the same values as adding it afterwards.
-///
-/// # Safety
-/// As [`matmul`]; `bias` holds n floats.
-#[allow(clippy::too_many_arguments)]
-pub unsafe fn matmul_bias(
-    kernels: Kernels,
-    precision: Precision,
-    m: usize,
-    n: usize,
-    k: usize,
-    dst: *mut f32,
-    dst_row: usize,
-    lhs: Mat,
-    rhs: Mat,
-    bias: &[f32],
-    parallel: bool,
-) {
-    if m == 0 || n == 0 {
-        return;
-    }
-    // SAFETY: forwarded.
-    unsafe {
-        let rhs = Rhs::new(kernels, precision, rhs, k, n, parallel);
-        matmul_rhs(m, dst, dst_row, false, lhs, &rhs, 1.0, Some(bias), parallel)
-    }
-}
-
 /// The right operand of products (k × n) on given kernels and precision, prepared once: in bf16
 /// with a bf16 kernel it is rounded and packed here, so that several products with the same
 /// right operand (the LM head's weights, one chunk of rows at a time) pack it once; otherwise it
@@ -183,7 +153,8 @@ impl Rhs {
 }
 
 /// dst (m × rhs's n, rows `dst_row` apart) = [dst +] scale · lhs (m × rhs's k) · rhs [+ bias],
-/// as [`matmul`] (and [`matmul_bias`] with a bias, which requires scale 1 and no accumulation).
+/// as [`matmul`]. A bias requires scale 1 and no accumulation; the bf16 kernels add it on the way
+/// out (one pass over dst fewer), the others after the product, with the same values either way.
 ///
 /// # Safety
 /// As [`matmul`]; `rhs`'s matrix still valid; `bias`, if any, holds n floats.

@@ -390,8 +390,7 @@ fn bf16_emulated_on_avx2() {
     }
 }
 
-/// Same bytes from two calls, and from 1 and 2 threads, for every path present.
-/// `matmul_bias` gives, bit for bit, what `matmul` then adding the bias to each row gives, on
+/// `matmul_rhs` with a bias gives, bit for bit, what `matmul` then adding the bias to each row gives, on
 /// every path this CPU has (the bf16 kernels add it on the way out; the others after), on every
 /// case with scale 1 and no accumulation; dst's padding is untouched.
 #[test]
@@ -424,19 +423,8 @@ fn bias_on_the_way_out_is_adding_it_after() {
             let mut got = x.dst.clone();
             // SAFETY: as in `run`; the bias holds n floats.
             unsafe {
-                matmul_bias(
-                    kernels,
-                    precision,
-                    c.m,
-                    c.n,
-                    c.k,
-                    got.as_mut_ptr(),
-                    x.dst_row,
-                    x.a.mat(),
-                    x.b.mat(),
-                    &bias,
-                    true,
-                )
+                let rhs = Rhs::new(kernels, precision, x.b.mat(), c.k, c.n, true);
+                matmul_rhs(c.m, got.as_mut_ptr(), x.dst_row, false, x.a.mat(), &rhs, 1.0, Some(&bias), true)
             };
             if c.m > 0 && c.n > 0 && c.k > 0 {
                 assert_ne!(
@@ -454,6 +442,7 @@ fn bias_on_the_way_out_is_adding_it_after() {
     }
 }
 
+/// Same bytes from two calls, and from 1 and 2 threads, for every path present.
 #[test]
 fn deterministic() {
     let c = Case {

@@ -223,6 +223,9 @@ pub struct WeightRhs<'a> {
     rhs: Rhs,
     /// Whether this is Wᵀ (ic, oc) for the forward product, or W (oc, ic) for d inp.
     forward: bool,
+    /// W's shape.
+    oc: usize,
+    ic: usize,
     _w: std::marker::PhantomData<&'a [f32]>,
 }
 
@@ -233,7 +236,7 @@ impl<'a> WeightRhs<'a> {
         // SAFETY: w holds oc·ic floats, read as (ic, oc) through a transposed view; the borrow
         // keeps it alive and unchanged while the value lives.
         let rhs = unsafe { Rhs::new(c.kernels, c.precision, Mat::transposed(w.as_ptr(), ic), ic, oc, true) };
-        Self { rhs, forward: true, _w: std::marker::PhantomData }
+        Self { rhs, forward: true, oc, ic, _w: std::marker::PhantomData }
     }
 
     /// W, for d inp = d out · W on `c`.
@@ -241,7 +244,7 @@ impl<'a> WeightRhs<'a> {
         assert_eq!(w.len(), oc * ic, "weight of another shape");
         // SAFETY: as in `forward`, read row-major.
         let rhs = unsafe { Rhs::new(c.kernels, c.precision, Mat::row_major(w.as_ptr(), ic), oc, ic, true) };
-        Self { rhs, forward: false, _w: std::marker::PhantomData }
+        Self { rhs, forward: false, oc, ic, _w: std::marker::PhantomData }
     }
 }
 
@@ -270,7 +273,9 @@ pub fn matmul_forward_with(
     ic: usize,
     oc: usize,
 ) {
-    assert!(w.forward && out.len() == n_rows * oc && inp.len() == n_rows * ic, "matmul_forward shapes");
+    assert!(w.forward && (w.oc, w.ic) == (oc, ic), "matmul_forward: W prepared for another product");
+    assert!(out.len() == n_rows * oc && inp.len() == n_rows * ic, "matmul_forward shapes");
+    assert!(bias.is_none_or(|b| b.len() == oc), "matmul_forward: bias length");
     // SAFETY: the slices hold n_rows·oc and n_rows·ic elements laid out row-major, which is what
     // the strides describe; W is alive (borrowed by `w`); matmul_rhs checks the bias's length;
     // `out` does not alias the inputs.
@@ -320,7 +325,8 @@ pub fn matmul_backward_with(
     ic: usize,
     oc: usize,
 ) {
-    assert!(!w.forward && dinp.len() == n_rows * ic && dw.len() == oc * ic, "matmul_backward shapes");
+    assert!(!w.forward && (w.oc, w.ic) == (oc, ic), "matmul_backward: W prepared for another product");
+    assert!(dinp.len() == n_rows * ic && dw.len() == oc * ic, "matmul_backward shapes");
     assert!(dout.len() == n_rows * oc && inp.len() == n_rows * ic, "matmul_backward shapes");
     // SAFETY: as in matmul_forward_with; each destination is a separate buffer of the stated size.
     unsafe {
@@ -342,6 +348,7 @@ pub fn matmul_backward_with(
         );
     }
     if let Some(db) = dbias {
+        assert_eq!(db.len(), oc, "matmul_backward: bias gradient length");
         // Blocks of columns in parallel, each summed over the rows in order (so the same sums
         // whatever the threads).
         db.par_chunks_mut(64).enumerate().for_each(|(blk, db)| {
@@ -703,8 +710,8 @@ pub fn gelu_forward(out: &mut [f32], inp: &[f32]) {
 pub fn gelu_forward_on(wide: bool, out: &mut [f32], inp: &[f32]) {
     out.par_chunks_mut(4096).zip(inp.par_chunks(4096)).for_each(|(o, x)| {
         #[cfg(target_arch = "x86_64")]
-        let done = if wide {
-            // SAFETY: `wide` comes from [`wide_exp`] (or a test that checked): the CPU has AVX-512F.
+        let done = if wide && std::arch::is_x86_feature_detected!("avx512f") {
+            // SAFETY: the CPU has AVX-512F.
             unsafe { wide::gelu16(o, x) }
         } else {
             0
@@ -742,8 +749,8 @@ pub fn gelu_backward(d: &mut [f32], inp: &[f32]) {
 pub fn gelu_backward_on(wide: bool, d: &mut [f32], inp: &[f32]) {
     d.par_chunks_mut(4096).zip(inp.par_chunks(4096)).for_each(|(d, x)| {
         #[cfg(target_arch = "x86_64")]
-        let done = if wide {
-            // SAFETY: as in gelu_forward_on.
+        let done = if wide && std::arch::is_x86_feature_detected!("avx512f") {
+            // SAFETY: the CPU has AVX-512F.
             unsafe { wide::gelu_grad16_mul(d, x) }
         } else {
             0
@@ -891,16 +898,13 @@ mod tests {
     }
 
     /// The AVX-512 exp and GELU loops give the portable ones' bits: every entry and every sum (and
-    /// GELU and its derivative), on rows of
-    /// every length up to 40 and a 33,278-word one, over special values and the whole range
-    /// (underflow, the clamp at 88, NaN, ±∞, ±0, denormals, both sides of the cut-offs).
-    fn bits(x: &[f32]) -> Vec<u32> {
-        x.iter().map(|v| v.to_bits()).collect()
-    }
-
+    /// GELU and its derivative), on rows of every length up to 40 and a 33,278-word one, over
+    /// special values and the whole range (underflow, the clamp at 88, NaN, ±∞, ±0, denormals,
+    /// both sides of the cut-offs).
     #[test]
     #[cfg(target_arch = "x86_64")]
     fn wide_exp_loops_give_the_portable_bits() {
+        let bits = |x: &[f32]| x.iter().map(|v| v.to_bits()).collect::<Vec<u32>>();
         if !std::arch::is_x86_feature_detected!("avx512f") {
             println!("skipped: this CPU has no AVX-512F, so only the portable exp loops can run");
             return;
