@@ -139,12 +139,7 @@ fn matmul_speed() {
     }
     let mut dst = vec![0f32; big];
     let mut paths = Vec::new();
-    for (value, precision) in [
-        ("avx2", Precision::F32),
-        ("avx512", Precision::F32),
-        ("avx512", Precision::Bf16),
-        ("auto", Precision::Bf16),
-    ] {
+    for (value, precision) in super::tests::CAPPED {
         let k = Kernels::parse(value).unwrap();
         let present = match precision {
             Precision::F32 => value != "avx512" || k.fp32() == Fp32Kernel::Avx512,

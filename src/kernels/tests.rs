@@ -390,24 +390,33 @@ fn bf16_emulated_on_avx2() {
     }
 }
 
+/// The kernel caps (`COLLAPSE_LAB_KERNELS` values) and precisions of the non-portable paths.
+pub(super) const CAPPED: [(&str, Precision); 4] = [
+    ("avx2", Precision::F32),
+    ("avx512", Precision::F32),
+    ("avx512", Precision::Bf16),
+    ("auto", Precision::Bf16),
+];
+
+/// Every distinct (kernels, precision) this CPU runs: the portable ones, then each capped set.
+fn every_path() -> Vec<(Kernels, Precision)> {
+    let mut paths = vec![(Kernels::portable(), Precision::F32), (Kernels::portable(), Precision::Bf16)];
+    for (value, precision) in CAPPED {
+        let k = Kernels::parse(value).unwrap();
+        if !paths.contains(&(k, precision)) {
+            paths.push((k, precision));
+        }
+    }
+    paths
+}
+
 /// `matmul_rhs` with a bias gives, bit for bit, what `matmul` then adding the bias to each row gives, on
 /// every path this CPU has (the bf16 kernels add it on the way out; the others after), on every
 /// case with scale 1 and no accumulation; dst's padding is untouched.
 #[test]
 fn bias_on_the_way_out_is_adding_it_after() {
     let mut rng = Rng(0xB1A5_0001);
-    let mut paths = vec![(Kernels::portable(), Precision::F32), (Kernels::portable(), Precision::Bf16)];
-    for (value, precision) in [
-        ("avx2", Precision::F32),
-        ("avx512", Precision::F32),
-        ("avx512", Precision::Bf16),
-        ("auto", Precision::Bf16),
-    ] {
-        let k = Kernels::parse(value).unwrap();
-        if !paths.contains(&(k, precision)) {
-            paths.push((k, precision));
-        }
-    }
+    let paths = every_path();
     let bits = |v: &[f32]| v.iter().map(|x| x.to_bits()).collect::<Vec<_>>();
     for c in cases() {
         let c = Case { accumulate: false, scale: 1.0, ..c };
@@ -457,18 +466,7 @@ fn deterministic() {
     let x = inputs(&c, &mut Rng(0x05EE_DD37), false);
     let pool = |t| rayon::ThreadPoolBuilder::new().num_threads(t).build().unwrap();
     let (one, two) = (pool(1), pool(2));
-    let mut paths = vec![(Kernels::portable(), Precision::F32), (Kernels::portable(), Precision::Bf16)];
-    for (value, precision) in [
-        ("avx2", Precision::F32),
-        ("avx512", Precision::F32),
-        ("avx512", Precision::Bf16),
-        ("auto", Precision::Bf16),
-    ] {
-        let k = Kernels::parse(value).unwrap();
-        if !paths.contains(&(k, precision)) {
-            paths.push((k, precision));
-        }
-    }
+    let paths = every_path();
     for (k, precision) in paths {
         let a = one.install(|| run(k, precision, &c, &x, true));
         let b = two.install(|| run(k, precision, &c, &x, true));

@@ -251,7 +251,7 @@ fn forward_sequences(
         let rows = chunk.min(bt - r0);
         let logits = &mut a.logits[..rows * v];
         let lnf = &a.lnf[r0 * c..(r0 + rows) * c];
-        matmul_forward_with(logits, lnf, &wte_fwd, None, rows, c, v);
+        matmul_forward_with(logits, lnf, &wte_fwd, None, rows);
         let (tgt, losses) = (&targets[r0..r0 + rows], &mut a.losses[r0..r0 + rows]);
         if head_grad.is_none() {
             // Scoring: only −log softmax at the target, in two passes that write nothing.
@@ -281,7 +281,7 @@ fn forward_sequences(
         );
         if let (Some(gw), Some(wte_back)) = (head_grad.as_deref_mut(), &wte_back) {
             let d_lnf = &mut a.d_c[r0 * c..(r0 + rows) * c];
-            matmul_backward_with(cp.head_backward(), d_lnf, gw, None, logits, lnf, wte_back, rows, c, v);
+            matmul_backward_with(cp.head_backward(), (d_lnf, gw, None), logits, lnf, wte_back, rows);
         }
     }
     a.losses.iter().map(|&x| x as f64).sum::<f64>() as f32 * inv_n

@@ -260,20 +260,13 @@ pub fn matmul_forward(
     ic: usize,
     oc: usize,
 ) {
-    matmul_forward_with(out, inp, &WeightRhs::forward(c, w, oc, ic), bias, n_rows, ic, oc)
+    matmul_forward_with(out, inp, &WeightRhs::forward(c, w, oc, ic), bias, n_rows)
 }
 
-/// [`matmul_forward`] with W prepared beforehand.
-pub fn matmul_forward_with(
-    out: &mut [f32],
-    inp: &[f32],
-    w: &WeightRhs,
-    bias: Option<&[f32]>,
-    n_rows: usize,
-    ic: usize,
-    oc: usize,
-) {
-    assert!(w.forward && (w.oc, w.ic) == (oc, ic), "matmul_forward: W prepared for another product");
+/// [`matmul_forward`] with W prepared beforehand (its shape is W's).
+pub fn matmul_forward_with(out: &mut [f32], inp: &[f32], w: &WeightRhs, bias: Option<&[f32]>, n_rows: usize) {
+    let (oc, ic) = (w.oc, w.ic);
+    assert!(w.forward, "matmul_forward: W prepared for d inp");
     assert!(out.len() == n_rows * oc && inp.len() == n_rows * ic, "matmul_forward shapes");
     assert!(bias.is_none_or(|b| b.len() == oc), "matmul_forward: bias length");
     // SAFETY: the slices hold n_rows·oc and n_rows·ic elements laid out row-major, which is what
@@ -308,24 +301,20 @@ pub fn matmul_backward(
     ic: usize,
     oc: usize,
 ) {
-    matmul_backward_with(c, dinp, dw, dbias, dout, inp, &WeightRhs::backward(c, w, oc, ic), n_rows, ic, oc)
+    matmul_backward_with(c, (dinp, dw, dbias), dout, inp, &WeightRhs::backward(c, w, oc, ic), n_rows)
 }
 
-/// [`matmul_backward`] with W prepared beforehand (`c` is for d W's product).
-#[allow(clippy::too_many_arguments)]
+/// [`matmul_backward`] with W prepared beforehand (its shape is W's; `c` is for d W's product).
 pub fn matmul_backward_with(
     c: Compute,
-    dinp: &mut [f32],
-    dw: &mut [f32],
-    dbias: Option<&mut [f32]>,
+    (dinp, dw, dbias): (&mut [f32], &mut [f32], Option<&mut [f32]>),
     dout: &[f32],
     inp: &[f32],
     w: &WeightRhs,
     n_rows: usize,
-    ic: usize,
-    oc: usize,
 ) {
-    assert!(!w.forward && (w.oc, w.ic) == (oc, ic), "matmul_backward: W prepared for another product");
+    let (oc, ic) = (w.oc, w.ic);
+    assert!(!w.forward, "matmul_backward: W prepared for the forward product");
     assert!(dinp.len() == n_rows * ic && dw.len() == oc * ic, "matmul_backward shapes");
     assert!(dout.len() == n_rows * oc && inp.len() == n_rows * ic, "matmul_backward shapes");
     // SAFETY: as in matmul_forward_with; each destination is a separate buffer of the stated size.
@@ -708,19 +697,42 @@ pub fn gelu_forward(out: &mut [f32], inp: &[f32]) {
 
 /// [`gelu_forward`] in its AVX-512 form (`wide`, same bits) or the portable one.
 pub fn gelu_forward_on(wide: bool, out: &mut [f32], inp: &[f32]) {
-    out.par_chunks_mut(4096).zip(inp.par_chunks(4096)).for_each(|(o, x)| {
+    map_on(wide, out, inp, GELU16, |o, x| *o = gelu(x));
+}
+
+/// The AVX-512 GELU loops (nothing on other architectures).
+#[cfg(target_arch = "x86_64")]
+const GELU16: Wide16 = wide::gelu16;
+#[cfg(target_arch = "x86_64")]
+const GELU_GRAD16: Wide16 = wide::gelu_grad16_mul;
+#[cfg(not(target_arch = "x86_64"))]
+const GELU16: Wide16 = ();
+#[cfg(not(target_arch = "x86_64"))]
+const GELU_GRAD16: Wide16 = ();
+
+/// The AVX-512 form of an element-wise loop: handles the whole chunks of 16 of (dst, inp), returns
+/// how many entries that was.
+#[cfg(target_arch = "x86_64")]
+type Wide16 = unsafe fn(&mut [f32], &[f32]) -> usize;
+#[cfg(not(target_arch = "x86_64"))]
+type Wide16 = ();
+
+/// `f(dst[i], inp[i])` for every i, in parallel blocks: the whole chunks of 16 by `wide16` when
+/// `wide` and the CPU has AVX-512F (which must give f's bits), the rest by f.
+fn map_on(wide: bool, dst: &mut [f32], inp: &[f32], wide16: Wide16, f: impl Fn(&mut f32, f32) + Sync) {
+    dst.par_chunks_mut(4096).zip(inp.par_chunks(4096)).for_each(|(d, x)| {
         #[cfg(target_arch = "x86_64")]
         let done = if wide && std::arch::is_x86_feature_detected!("avx512f") {
-            // SAFETY: the CPU has AVX-512F.
-            unsafe { wide::gelu16(o, x) }
+            // SAFETY: the CPU has AVX-512F, which is all the wide loops need; d and x have the
+            // same length.
+            unsafe { wide16(d, x) }
         } else {
             0
         };
         #[cfg(not(target_arch = "x86_64"))]
-        let done = 0;
-        let _ = wide;
-        for i in done..o.len() {
-            o[i] = gelu(x[i]);
+        let (done, _) = (0, (wide, wide16));
+        for (d, &x) in d[done..].iter_mut().zip(&x[done..]) {
+            f(d, x);
         }
     });
 }
@@ -747,21 +759,7 @@ pub fn gelu_backward(d: &mut [f32], inp: &[f32]) {
 
 /// [`gelu_backward`] in its AVX-512 form (`wide`, same bits) or the portable one.
 pub fn gelu_backward_on(wide: bool, d: &mut [f32], inp: &[f32]) {
-    d.par_chunks_mut(4096).zip(inp.par_chunks(4096)).for_each(|(d, x)| {
-        #[cfg(target_arch = "x86_64")]
-        let done = if wide && std::arch::is_x86_feature_detected!("avx512f") {
-            // SAFETY: the CPU has AVX-512F.
-            unsafe { wide::gelu_grad16_mul(d, x) }
-        } else {
-            0
-        };
-        #[cfg(not(target_arch = "x86_64"))]
-        let done = 0;
-        let _ = wide;
-        for i in done..d.len() {
-            d[i] *= gelu_grad(x[i]);
-        }
-    });
+    map_on(wide, d, inp, GELU_GRAD16, |d, x| *d *= gelu_grad(x));
 }
 
 /// A raw pointer that may cross threads: each task below writes a disjoint region.
