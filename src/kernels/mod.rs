@@ -171,7 +171,10 @@ pub unsafe fn matmul_rhs(
     parallel: bool,
 ) {
     let (kernels, k, n) = (rhs.kernels, rhs.k, rhs.n);
-    assert!(bias.is_none_or(|b| b.len() == n && scale == 1.0 && !accumulate), "bias of another width");
+    assert!(
+        bias.is_none_or(|b| b.len() == n && scale == 1.0 && !accumulate),
+        "a bias needs n floats, scale 1 and no accumulation"
+    );
     if m == 0 || n == 0 {
         return;
     }
