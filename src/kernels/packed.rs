@@ -13,6 +13,8 @@ use rayon::prelude::*;
 
 /// Outputs per f32 panel: four 512-bit registers, or eight 256-bit ones.
 const GROUP: usize = 64;
+/// Steps of k per pass of the rows over an f32 panel: 128 × 64 floats, 32 KiB, stay in L1.
+const KC: usize = 128;
 /// Rows per pass over the f32 panels.
 const ROW_CHUNK: usize = 64;
 /// Products of at least this many rows go to the AMX kernel when there is one (it pads the rows
@@ -268,11 +270,14 @@ unsafe fn widen_tile_scalar(
 
 #[cfg(target_arch = "x86_64")]
 mod x86 {
-    use super::{GROUP, TILE_N};
+    use super::{GROUP, KC, TILE_N};
     use crate::kernels::avx512::mask16;
     use std::arch::x86_64::*;
 
-    /// One f32 panel (64 outputs from j0, `cols` of them real) times all rows, 6 rows at a time.
+    /// One f32 panel (64 outputs from j0, `cols` of them real) times all rows, 6 rows at a time,
+    /// k in chunks of [`KC`] so that the chunk of the panel (KC × 64 floats, 32 KiB) stays in L1
+    /// while every row passes over it: the partial sums wait in `out` between chunks, exactly, so
+    /// each output is still one FMA chain in k order.
     ///
     /// # Safety
     /// The CPU has AVX-512F; `out` is rows × oc and columns j0..j0 + cols are the caller's.
@@ -291,30 +296,65 @@ mod x86 {
     ) {
         assert!(x.len() >= rows * ic && panel.len() >= ic * GROUP);
         let bias = bias.map_or(std::ptr::null(), |b| b.as_ptr());
-        let mut r0 = 0;
-        while r0 < rows {
-            let r = (rows - r0).min(6);
-            let (x, out) = (x[r0 * ic..].as_ptr(), out.wrapping_add(r0 * oc + j0));
-            // SAFETY: rows r0..r0 + r of x and out exist (checked above / contract).
-            unsafe {
-                match r {
-                    6 => rows_avx512::<6>(x, ic, panel.as_ptr(), out, oc, cols, bias),
-                    5 => rows_avx512::<5>(x, ic, panel.as_ptr(), out, oc, cols, bias),
-                    4 => rows_avx512::<4>(x, ic, panel.as_ptr(), out, oc, cols, bias),
-                    3 => rows_avx512::<3>(x, ic, panel.as_ptr(), out, oc, cols, bias),
-                    2 => rows_avx512::<2>(x, ic, panel.as_ptr(), out, oc, cols, bias),
-                    _ => rows_avx512::<1>(x, ic, panel.as_ptr(), out, oc, cols, bias),
+        for k0 in (0..ic).step_by(KC) {
+            let (kc, last) = (KC.min(ic - k0), k0 + KC >= ic);
+            let w = panel[k0 * GROUP..].as_ptr();
+            // The next chunk (or the next panel: they are contiguous) is requested while this one
+            // is in use, a share of it in each pass, since its first pass would otherwise wait
+            // for memory: decoding reads all the weights once per step.
+            let (passes, lines) = (rows.div_ceil(6), KC * GROUP / 16);
+            let next = w.wrapping_add(kc * GROUP);
+            let mut r0 = 0;
+            while r0 < rows {
+                let r = (rows - r0).min(6);
+                let pass = r0 / 6;
+                let (from, to) = (pass * lines / passes, (pass + 1) * lines / passes);
+                let chunk = Chunk {
+                    kc,
+                    resume: k0 > 0,
+                    bias: if last { bias } else { std::ptr::null() },
+                    prefetch: next.wrapping_add(from * 16),
+                    prefetch_lines: to - from,
+                };
+                let (x, out) = (x[r0 * ic + k0..].as_ptr(), out.wrapping_add(r0 * oc + j0));
+                // SAFETY: rows r0..r0 + r of x and out exist (checked above / contract); the
+                // chunk's kc columns of x and rows of the panel start at k0.
+                unsafe {
+                    match r {
+                        6 => rows_avx512::<6>(x, ic, w, out, oc, cols, chunk),
+                        5 => rows_avx512::<5>(x, ic, w, out, oc, cols, chunk),
+                        4 => rows_avx512::<4>(x, ic, w, out, oc, cols, chunk),
+                        3 => rows_avx512::<3>(x, ic, w, out, oc, cols, chunk),
+                        2 => rows_avx512::<2>(x, ic, w, out, oc, cols, chunk),
+                        _ => rows_avx512::<1>(x, ic, w, out, oc, cols, chunk),
+                    }
                 }
+                r0 += r;
             }
-            r0 += r;
         }
     }
 
-    /// R rows × 64 outputs: 4R accumulators, one broadcast FMA per row and register per k.
+    /// Which part of the sum over k one call of [`rows_avx512`] forms.
+    #[derive(Clone, Copy)]
+    struct Chunk {
+        /// Steps of k.
+        kc: usize,
+        /// Whether `out` holds the sums so far (else they start from zero).
+        resume: bool,
+        /// Null, or (on the last chunk) the `cols` floats of bias to add.
+        bias: *const f32,
+        /// Cache lines (16 floats each) to prefetch from here while the chunk is summed (any
+        /// address: a prefetch never faults).
+        prefetch: *const f32,
+        prefetch_lines: usize,
+    }
+
+    /// R rows × 64 outputs over one chunk of k: 4R accumulators, one broadcast FMA per row and
+    /// register per k.
     ///
     /// # Safety
-    /// x: R rows of ic (ic apart); panel: ic × 64; out: R rows (oc apart) of `cols` ≤ 64; bias
-    /// null or `cols` floats.
+    /// x: R rows (ic apart) of chunk.kc; panel: chunk.kc × 64; out: R rows (oc apart) of
+    /// `cols` ≤ 64; chunk.bias null or `cols` floats.
     #[target_feature(enable = "avx512f")]
     #[inline]
     unsafe fn rows_avx512<const R: usize>(
@@ -324,10 +364,23 @@ mod x86 {
         out: *mut f32,
         oc: usize,
         cols: usize,
-        bias: *const f32,
+        chunk: Chunk,
     ) {
+        let masks: [__mmask16; 4] = std::array::from_fn(|p| mask16(cols.saturating_sub(16 * p).min(16)));
         let mut acc = [[_mm512_setzero_ps(); 4]; R];
-        for k in 0..ic {
+        if chunk.resume {
+            for (i, acc) in acc.iter_mut().enumerate() {
+                for (p, a) in acc.iter_mut().enumerate() {
+                    // SAFETY: masked to the c columns of row i that are the caller's.
+                    *a = unsafe { _mm512_maskz_loadu_ps(masks[p], out.add(i * oc + 16 * p)) };
+                }
+            }
+        }
+        let per_k = chunk.prefetch_lines.div_ceil(chunk.kc);
+        for k in 0..chunk.kc {
+            for l in k * per_k..((k + 1) * per_k).min(chunk.prefetch_lines) {
+                _mm_prefetch::<_MM_HINT_T0>(chunk.prefetch.wrapping_add(16 * l) as *const i8);
+            }
             // SAFETY: row k of the panel and column k of the R rows are readable.
             unsafe {
                 let w = panel.add(k * GROUP);
@@ -347,19 +400,17 @@ mod x86 {
         }
         for (i, acc) in acc.iter().enumerate() {
             for (p, &a) in acc.iter().enumerate() {
-                let c = cols.saturating_sub(16 * p).min(16);
-                if c == 0 {
+                if masks[p] == 0 {
                     break;
                 }
-                let mask = mask16(c);
                 // SAFETY: masked to the c columns of row i that are the caller's (and of the bias).
                 unsafe {
-                    let v = if bias.is_null() {
+                    let v = if chunk.bias.is_null() {
                         a
                     } else {
-                        _mm512_add_ps(a, _mm512_maskz_loadu_ps(mask, bias.add(16 * p)))
+                        _mm512_add_ps(a, _mm512_maskz_loadu_ps(masks[p], chunk.bias.add(16 * p)))
                     };
-                    _mm512_mask_storeu_ps(out.add(i * oc + 16 * p), mask, v);
+                    _mm512_mask_storeu_ps(out.add(i * oc + 16 * p), masks[p], v);
                 }
             }
         }

@@ -607,7 +607,8 @@ fn transpose16_transposes() {
 }
 
 /// All the packed-product paths: each kernel set this CPU has, both precisions, row counts on
-/// both sides of every block and of the AMX threshold, awkward sizes.
+/// both sides of every block and of the AMX threshold, awkward sizes (257 inputs: k in chunks).
+/// The f32 SIMD kernels give exactly the bits of one FMA chain in k order.
 #[test]
 fn packed_products() {
     let mut sets = vec![("portable", Kernels::portable())];
@@ -636,14 +637,25 @@ fn packed_products() {
                     for r in 0..rows {
                         for o in 0..out {
                             let b = if with_bias { bias[o] } else { 0.0 };
-                            let (mut s, mut abs, mut f32_sum) = (0f64, 0f64, 0f32);
+                            let (mut s, mut abs, mut f32_sum, mut chain) = (0f64, 0f64, 0f32, 0f32);
                             for i in 0..inp {
                                 let p = round(x[r * inp + i]) * round(w[o * inp + i]);
+                                chain = x[r * inp + i].mul_add(w[o * inp + i], chain);
                                 f32_sum += p;
                                 s += p as f64;
                                 abs += p.abs() as f64;
                             }
                             let g = got[r * out + o];
+                            if precision == Precision::F32 && name != "portable" {
+                                // The SIMD kernels' promise, exactly: one FMA chain in k order
+                                // (in chunks of k, wherever they keep the partial sums), then + b.
+                                let chain = if with_bias { chain + b } else { chain };
+                                assert_eq!(
+                                    g.to_bits(),
+                                    chain.to_bits(),
+                                    "packed f32 {name} {out}×{inp}, {rows} rows, ({r}, {o}): got {g}, want {chain}"
+                                );
+                            }
                             let (want, tol) = match precision {
                                 Precision::F32 => {
                                     (s + b as f64, (inp as f64 + 2.0) * U * (abs + b.abs() as f64))
