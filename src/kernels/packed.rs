@@ -371,7 +371,7 @@ mod x86 {
         if chunk.resume {
             for (i, acc) in acc.iter_mut().enumerate() {
                 for (p, a) in acc.iter_mut().enumerate() {
-                    // SAFETY: masked to the c columns of row i that are the caller's.
+                    // SAFETY: masked to the `cols` columns of row i that are the caller's (its partial sums).
                     *a = unsafe { _mm512_maskz_loadu_ps(masks[p], out.add(i * oc + 16 * p)) };
                 }
             }
@@ -403,7 +403,7 @@ mod x86 {
                 if masks[p] == 0 {
                     break;
                 }
-                // SAFETY: masked to the c columns of row i that are the caller's (and of the bias).
+                // SAFETY: masked to the `cols` columns of row i that are the caller's (and of the bias).
                 unsafe {
                     let v = if chunk.bias.is_null() {
                         a
