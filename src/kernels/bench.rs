@@ -430,3 +430,47 @@ fn bf16_packing_speed() {
     });
     println!("  pack B transposed {r}×{c}: {:.2} ms, {:.1} GB/s of f32", t * 1e3, gb(t));
 }
+
+/// Not a speed: how the fp32 product (the gemm crate on this CPU) sums over k. For each shape,
+/// how many outputs equal one `mul_add` chain in k order exactly: all of them while k fits in
+/// gemm's block of k, which it sizes from the caches it detects; beyond it gemm adds the blocks'
+/// partial sums. A hand-written kernel keeps training's bytes only where this says "all".
+#[test]
+#[ignore]
+fn gemm_sum_order() {
+    let kernels = Kernels::detect();
+    println!("fp32 products on {}: outputs equal to one FMA chain in k order", kernels.describe());
+    let fill = |n: usize, s: u32| {
+        (0..n)
+            .map(|i| {
+                ((i as u32).wrapping_mul(2654435761).wrapping_add(s) >> 8) as f32 / (1 << 24) as f32 - 0.5
+            })
+            .collect::<Vec<f32>>()
+    };
+    for (m, n, k) in [
+        (64, 96, 128),
+        (64, 96, 256),
+        (130, 70, 300),
+        (64, 96, 512),
+        (64, 96, 768),
+        (64, 96, 1024),
+        (40, 50, 2048),
+    ] {
+        let (a, b) = (fill(m * k, 1), fill(k * n, 2));
+        let mut d = vec![0f32; m * n];
+        // SAFETY: a is m × k and b k × n, row-major; d is m × n.
+        unsafe {
+            let (lhs, rhs) = (Mat::row_major(a.as_ptr(), k), Mat::row_major(b.as_ptr(), n));
+            matmul(kernels, Precision::F32, m, n, k, d.as_mut_ptr(), n, false, lhs, rhs, 1.0, true)
+        };
+        let same = (0..m * n)
+            .filter(|&o| {
+                let (i, j) = (o / n, o % n);
+                let chain = (0..k).fold(0f32, |c, p| a[i * k + p].mul_add(b[p * n + j], c));
+                chain.to_bits() == d[o].to_bits()
+            })
+            .count();
+        let all = if same == m * n { "all" } else { "not all" };
+        println!("  {m:>4}×{k:<5}·{k:>5}×{n:<4} {same:>6} of {:<6} ({all})", m * n);
+    }
+}
