@@ -28,6 +28,13 @@ LAB=target/release/collapse-lab
 echo "machine: $(lscpu | sed -n 's/^Model name: *//p'), $(nproc) CPUs; SIMD: $(grep -o -w -E 'avx2|avx512f|avx512_bf16|amx_bf16|amx_tile' /proc/cpuinfo | sort -u | tr '\n' ' ')"
 echo "lab: $($LAB bench --config B --iters 1 --warmup 0 | head -1)"
 echo "peer: PyTorch $("$TORCH_PY" -c 'import torch; print(torch.__version__)')"
+# bf16 rows only where the lab can run bf16 (AVX512-BF16 or AMX-BF16); elsewhere say why and skip them.
+if bf16_err=$($LAB bench --config B --iters 1 --warmup 0 --precision bf16 2>&1 >/dev/null); then
+  BF16=1
+else
+  BF16=0
+  echo "bf16: skipped on this machine (${bf16_err#error: })"
+fi
 out=$(mktemp)
 peer() { "$TORCH_PY" "$PEER" "$@" --threads 2 | sed -n 's/^RESULT //p'; }
 for round in $(seq "$ROUNDS"); do
@@ -35,22 +42,25 @@ for round in $(seq "$ROUNDS"); do
     flags=(--config A); [ $cfg = B ] && flags=(--vocab 4096 --ctx 64 --d 128 --layers 2 --heads 4 --batch 32)
     echo "round $round: train config $cfg" >&2
     echo "lab-fp32 train $cfg $($LAB bench --config $cfg --mode train --json | sed -n 's/^RESULT //p')" >>"$out"
-    echo "lab-bf16 train $cfg $($LAB bench --config $cfg --mode train --precision bf16 --json | sed -n 's/^RESULT //p')" >>"$out"
+    if [ $BF16 = 1 ]; then echo "lab-bf16 train $cfg $($LAB bench --config $cfg --mode train --precision bf16 --json | sed -n 's/^RESULT //p')" >>"$out"; fi
     echo "eager train $cfg $(peer train "${flags[@]}")" >>"$out"
     echo "compile train $cfg $(peer train "${flags[@]}" --compile)" >>"$out"
-    echo "compile-bf16 train $cfg $(peer train "${flags[@]}" --compile --bf16)" >>"$out"
+    if [ $BF16 = 1 ]; then echo "compile-bf16 train $cfg $(peer train "${flags[@]}" --compile --bf16)" >>"$out"; fi
   done
   echo "round $round: sample config A" >&2
   echo "lab-fp32 sample A $($LAB bench --config A --mode sample --json | sed -n 's/^RESULT //p')" >>"$out"
-  echo "lab-bf16 sample A $($LAB bench --config A --mode sample --precision bf16 --json | sed -n 's/^RESULT //p')" >>"$out"
+  if [ $BF16 = 1 ]; then echo "lab-bf16 sample A $($LAB bench --config A --mode sample --precision bf16 --json | sed -n 's/^RESULT //p')" >>"$out"; fi
   echo "eager sample A $(peer sample --config A --prompts 64 --prompt-len 64 --new 64)" >>"$out"
-  echo "eager-bf16 sample A $(peer sample --config A --prompts 64 --prompt-len 64 --new 64 --bf16)" >>"$out"
+  if [ $BF16 = 1 ]; then echo "eager-bf16 sample A $(peer sample --config A --prompts 64 --prompt-len 64 --new 64 --bf16)" >>"$out"; fi
 done
 python3 - "$out" "$ROUNDS" <<'PY'
 import json, statistics, sys
 rows = {}
 for line in open(sys.argv[1]):
     who, mode, cfg, js = line.split(" ", 3)
+    if not js.strip():
+        print(f"no result from {who} ({mode} config {cfg}): see its error above", file=sys.stderr)
+        continue
     r = json.loads(js)
     rows.setdefault((mode, cfg), {}).setdefault(who, []).append(r["tokens_per_s"] if mode == "train" else r["new_tokens_per_s"])
 med = lambda v: statistics.median(v)
