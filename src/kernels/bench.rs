@@ -2,7 +2,8 @@
 //! steps, with 2 threads. Ignored by default; run with
 //! `cargo test --release kernels::bench -- --ignored --nocapture`. `KB_HEAD=ROWS,D,VOCAB` times a
 //! one-layer model of that head instead (e.g. `KB_HEAD=252,128,33278 KERNELS_BENCH_SHAPE=head`, the
-//! `shumailov` preset's head chunk).
+//! `shumailov` preset's head chunk). `peak_rates` measures the ceiling: one core's rate for
+//! `vfmadd231ps` and `vdpbf16ps` alone.
 
 use super::*;
 use std::ops::Not;
@@ -472,5 +473,65 @@ fn gemm_sum_order() {
             .count();
         let all = if same == m * n { "all" } else { "not all" };
         println!("  {m:>4}×{k:<5}·{k:>5}×{n:<4} {same:>6} of {:<6} ({all})", m * n);
+    }
+}
+
+/// The ceiling the kernels are measured against: one core's rate for the two instructions they
+/// are built on, `vfmadd231ps` (fp32: gemm's AVX-512 microkernels) and `vdpbf16ps` (bf16), on
+/// 512-bit registers: 16 independent accumulators, no memory operands, one thread, thread CPU
+/// time, best of `reps`. Skips either with the reason where the CPU lacks it.
+#[cfg(target_arch = "x86_64")]
+#[test]
+#[ignore]
+fn peak_rates() {
+    use std::arch::x86_64::*;
+    const ROUNDS: usize = 5_000_000;
+    #[target_feature(enable = "avx512f")]
+    fn fma() -> f32 {
+        let (a, b) = (_mm512_set1_ps(0.999_999), _mm512_set1_ps(1e-7));
+        let mut acc = [_mm512_set1_ps(1.0); 16];
+        for _ in 0..ROUNDS {
+            for x in acc.iter_mut() {
+                *x = _mm512_fmadd_ps(*x, a, b);
+            }
+            // SAFETY: an empty instruction string: it only stops the compiler merging rounds.
+            unsafe { std::arch::asm!("", options(nomem, nostack, preserves_flags)) };
+        }
+        acc.iter().map(|&x| _mm512_reduce_add_ps(x)).sum()
+    }
+    #[target_feature(enable = "avx512f,avx512bf16")]
+    fn dp() -> f32 {
+        // SAFETY (both transmutes): a vector of 32 bf16 is 64 bytes, any bits valid.
+        let a: __m512bh = unsafe { std::mem::transmute(_mm512_set1_epi32(0x3F80_3F80)) };
+        let b: __m512bh = unsafe { std::mem::transmute(_mm512_set1_epi32(0x3380_3380)) };
+        let mut acc = [_mm512_setzero_ps(); 16];
+        for _ in 0..ROUNDS {
+            for x in acc.iter_mut() {
+                *x = _mm512_dpbf16_ps(*x, a, b);
+            }
+            // SAFETY: as in `fma`.
+            unsafe { std::arch::asm!("", options(nomem, nostack, preserves_flags)) };
+        }
+        acc.iter().map(|&x| _mm512_reduce_add_ps(x)).sum()
+    }
+    let reps = reps();
+    let rate = |flops_per_round: f64, f: &dyn Fn() -> f32| {
+        let secs = best_cpu(reps, || {
+            std::hint::black_box(f());
+        });
+        flops_per_round * ROUNDS as f64 / secs / 1e9
+    };
+    println!("peak rates, one core, best of {reps} (GFLOP/s):");
+    if std::arch::is_x86_feature_detected!("avx512f") {
+        // SAFETY: the CPU has AVX-512F (checked).
+        println!("  vfmadd231ps zmm  {:>7.1}", rate(16.0 * 16.0 * 2.0, &|| unsafe { fma() }));
+    } else {
+        eprintln!("skipped: vfmadd231ps zmm: this CPU has no AVX-512F");
+    }
+    if std::arch::is_x86_feature_detected!("avx512f") && std::arch::is_x86_feature_detected!("avx512bf16") {
+        // SAFETY: the CPU has AVX-512F and AVX512_BF16 (checked).
+        println!("  vdpbf16ps zmm    {:>7.1}", rate(16.0 * 32.0 * 2.0, &|| unsafe { dp() }));
+    } else {
+        eprintln!("skipped: vdpbf16ps zmm: this CPU has no AVX512_BF16");
     }
 }
