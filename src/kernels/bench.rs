@@ -477,9 +477,9 @@ fn gemm_sum_order() {
 }
 
 /// The ceiling the kernels are measured against: one core's rate for the two instructions they
-/// are built on, `vfmadd231ps` (fp32: gemm's AVX-512 microkernels) and `vdpbf16ps` (bf16), on
-/// 512-bit registers: 16 independent accumulators, no memory operands, one thread, thread CPU
-/// time, best of `reps`. Skips either with the reason where the CPU lacks it.
+/// are built on, `vfmadd231ps` (fp32: gemm's AVX2 and AVX-512 microkernels) and `vdpbf16ps` (bf16),
+/// on 256- and 512-bit registers: 16 independent accumulators, no memory operands, one thread, thread CPU
+/// time, best of `reps`. Skips each with the reason where the CPU lacks it.
 #[cfg(target_arch = "x86_64")]
 #[test]
 #[ignore]
@@ -498,6 +498,20 @@ fn peak_rates() {
             unsafe { std::arch::asm!("", options(nomem, nostack, preserves_flags)) };
         }
         acc.iter().map(|&x| _mm512_reduce_add_ps(x)).sum()
+    }
+    #[target_feature(enable = "avx2,fma")]
+    fn fma256() -> f32 {
+        let (a, b) = (_mm256_set1_ps(0.999_999), _mm256_set1_ps(1e-7));
+        let mut acc = [_mm256_set1_ps(1.0); 16];
+        for _ in 0..ROUNDS {
+            for x in acc.iter_mut() {
+                *x = _mm256_fmadd_ps(*x, a, b);
+            }
+            // SAFETY: as in `fma`.
+            unsafe { std::arch::asm!("", options(nomem, nostack, preserves_flags)) };
+        }
+        // SAFETY: a 256-bit vector is 8 floats.
+        acc.iter().map(|&x| unsafe { std::mem::transmute::<__m256, [f32; 8]>(x) }.iter().sum::<f32>()).sum()
     }
     #[target_feature(enable = "avx512f,avx512bf16")]
     fn dp() -> f32 {
@@ -522,6 +536,12 @@ fn peak_rates() {
         flops_per_round * ROUNDS as f64 / secs / 1e9
     };
     println!("peak rates, one core, best of {reps} (GFLOP/s):");
+    if std::arch::is_x86_feature_detected!("avx2") && std::arch::is_x86_feature_detected!("fma") {
+        // SAFETY: the CPU has AVX2 and FMA (checked).
+        println!("  vfmadd231ps ymm  {:>7.1}", rate(16.0 * 8.0 * 2.0, &|| unsafe { fma256() }));
+    } else {
+        eprintln!("skipped: vfmadd231ps ymm: this CPU has no AVX2+FMA");
+    }
     if std::arch::is_x86_feature_detected!("avx512f") {
         // SAFETY: the CPU has AVX-512F (checked).
         println!("  vfmadd231ps zmm  {:>7.1}", rate(16.0 * 16.0 * 2.0, &|| unsafe { fma() }));
