@@ -487,18 +487,18 @@ fn gemm_sum_order() {
 fn peak_rates() {
     use std::arch::x86_64::*;
     const ROUNDS: usize = 5_000_000;
-    #[target_feature(enable = "avx512f")]
-    fn fma() -> f32 {
-        let (a, b) = (_mm512_set1_ps(0.999_999), _mm512_set1_ps(1e-7));
-        let mut acc = [_mm512_set1_ps(1.0); 16];
-        for _ in 0..ROUNDS {
-            for x in acc.iter_mut() {
-                *x = _mm512_fmadd_ps(*x, a, b);
+    // ROUNDS rounds of `step` on every accumulator, an empty instruction string between rounds so
+    // that the compiler cannot merge them.
+    macro_rules! rounds {
+        ($acc:ident, $x:ident => $step:expr) => {
+            for _ in 0..ROUNDS {
+                for $x in $acc.iter_mut() {
+                    *$x = $step;
+                }
+                // SAFETY: no instructions; it only stops the compiler merging rounds.
+                unsafe { std::arch::asm!("", options(nomem, nostack, preserves_flags)) };
             }
-            // SAFETY: an empty instruction string: it only stops the compiler merging rounds.
-            unsafe { std::arch::asm!("", options(nomem, nostack, preserves_flags)) };
-        }
-        acc.iter().map(|&x| _mm512_reduce_add_ps(x)).sum()
+        };
     }
     #[target_feature(enable = "avx2,fma")]
     fn fma256() -> f32 {
@@ -506,15 +506,16 @@ fn peak_rates() {
         // FMA units' latency needs).
         let (a, b) = (_mm256_set1_ps(0.999_999), _mm256_set1_ps(1e-7));
         let mut acc = [_mm256_set1_ps(1.0); 12];
-        for _ in 0..ROUNDS {
-            for x in acc.iter_mut() {
-                *x = _mm256_fmadd_ps(*x, a, b);
-            }
-            // SAFETY: as in `fma`.
-            unsafe { std::arch::asm!("", options(nomem, nostack, preserves_flags)) };
-        }
+        rounds!(acc, x => _mm256_fmadd_ps(*x, a, b));
         // SAFETY: a 256-bit vector is 8 floats.
         acc.iter().map(|&x| unsafe { std::mem::transmute::<__m256, [f32; 8]>(x) }.iter().sum::<f32>()).sum()
+    }
+    #[target_feature(enable = "avx512f")]
+    fn fma512() -> f32 {
+        let (a, b) = (_mm512_set1_ps(0.999_999), _mm512_set1_ps(1e-7));
+        let mut acc = [_mm512_set1_ps(1.0); 16];
+        rounds!(acc, x => _mm512_fmadd_ps(*x, a, b));
+        acc.iter().map(|&x| _mm512_reduce_add_ps(x)).sum()
     }
     #[target_feature(enable = "avx512f,avx512bf16")]
     fn dp() -> f32 {
@@ -522,39 +523,32 @@ fn peak_rates() {
         let a: __m512bh = unsafe { std::mem::transmute(_mm512_set1_epi32(0x3F80_3F80)) };
         let b: __m512bh = unsafe { std::mem::transmute(_mm512_set1_epi32(0x3380_3380)) };
         let mut acc = [_mm512_setzero_ps(); 16];
-        for _ in 0..ROUNDS {
-            for x in acc.iter_mut() {
-                *x = _mm512_dpbf16_ps(*x, a, b);
-            }
-            // SAFETY: as in `fma`.
-            unsafe { std::arch::asm!("", options(nomem, nostack, preserves_flags)) };
-        }
+        rounds!(acc, x => _mm512_dpbf16_ps(*x, a, b));
         acc.iter().map(|&x| _mm512_reduce_add_ps(x)).sum()
     }
+    let (avx2, avx512) = (
+        std::arch::is_x86_feature_detected!("avx2") && std::arch::is_x86_feature_detected!("fma"),
+        std::arch::is_x86_feature_detected!("avx512f"),
+    );
+    let bf16 = avx512 && std::arch::is_x86_feature_detected!("avx512bf16");
+    type Loop = unsafe fn() -> f32;
+    // (instruction, whether the CPU has it, what it lacks otherwise, flops per round, the loop)
+    let paths: [(&str, bool, &str, f64, Loop); 3] = [
+        ("vfmadd231ps ymm", avx2, "AVX2+FMA", 12.0 * 8.0 * 2.0, fma256),
+        ("vfmadd231ps zmm", avx512, "AVX-512F", 16.0 * 16.0 * 2.0, fma512),
+        ("vdpbf16ps zmm", bf16, "AVX512_BF16", 16.0 * 32.0 * 2.0, dp),
+    ];
     let reps = reps();
-    let rate = |flops_per_round: f64, f: &dyn Fn() -> f32| {
-        let secs = best_cpu(reps, || {
-            std::hint::black_box(f());
-        });
-        flops_per_round * ROUNDS as f64 / secs / 1e9
-    };
     println!("peak rates, one core, best of {reps} (GFLOP/s):");
-    if std::arch::is_x86_feature_detected!("avx2") && std::arch::is_x86_feature_detected!("fma") {
-        // SAFETY: the CPU has AVX2 and FMA (checked).
-        println!("  vfmadd231ps ymm  {:>7.1}", rate(12.0 * 8.0 * 2.0, &|| unsafe { fma256() }));
-    } else {
-        eprintln!("skipped: vfmadd231ps ymm: this CPU has no AVX2+FMA");
-    }
-    if std::arch::is_x86_feature_detected!("avx512f") {
-        // SAFETY: the CPU has AVX-512F (checked).
-        println!("  vfmadd231ps zmm  {:>7.1}", rate(16.0 * 16.0 * 2.0, &|| unsafe { fma() }));
-    } else {
-        eprintln!("skipped: vfmadd231ps zmm: this CPU has no AVX-512F");
-    }
-    if std::arch::is_x86_feature_detected!("avx512f") && std::arch::is_x86_feature_detected!("avx512bf16") {
-        // SAFETY: the CPU has AVX-512F and AVX512_BF16 (checked).
-        println!("  vdpbf16ps zmm    {:>7.1}", rate(16.0 * 32.0 * 2.0, &|| unsafe { dp() }));
-    } else {
-        eprintln!("skipped: vdpbf16ps zmm: this CPU has no AVX512_BF16");
+    for (name, present, lacks, flops, f) in paths {
+        if !present {
+            eprintln!("skipped: {name}: this CPU has no {lacks}");
+            continue;
+        }
+        // SAFETY: the CPU has the loop's target features (checked just above).
+        let secs = best_cpu(reps, || {
+            std::hint::black_box(unsafe { f() });
+        });
+        println!("  {name:<16} {:>7.1}", flops * ROUNDS as f64 / secs / 1e9);
     }
 }
