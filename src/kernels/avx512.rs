@@ -205,9 +205,8 @@ fn interleave() -> __m512i {
 }
 
 /// Tiles t0..t0 + count (columns 16t0..) of rhs (k × n) in the pair layout of
-/// [`super::bf16::PackedB`], into `out` (count tiles of k_pad·16 elements): a row-major rhs a pair
-/// of rows at a time (each row read once, front to back), any other 32 k at a time for all the
-/// tiles.
+/// [`super::bf16::PackedB`], into `out` (count tiles of k_pad·16 elements), 32 k at a time for
+/// all the tiles. (A row-major rhs goes through [`pack_rows_and_pairs`] instead.)
 ///
 /// # Safety
 /// The CPU has AVX-512F/BW and AVX512_BF16; `rhs` readable on k × n; k_pad a multiple of 32, ≥ k;
@@ -222,34 +221,84 @@ pub(super) unsafe fn pack_b_tiles(
     k_pad: usize,
     out: *mut u16,
 ) {
-    if rhs.col == 1 {
-        // Rows are contiguous: a pair of rows at a time, 16 columns of each per tile, converted
-        // and interleaved into the tile's pair-row.
-        let interleave = interleave();
-        for r in 0..k_pad / 2 {
-            let (p0, p1) = (2 * r, 2 * r + 1);
-            for t in 0..count {
-                let j0 = (t0 + t) * TILE_N;
-                let mask = mask16(n.saturating_sub(j0));
-                let row = |p: usize| {
-                    if p < k {
-                        // SAFETY: the masked lanes are columns j0.. below n of row p < k.
-                        unsafe { _mm512_maskz_loadu_ps(mask, rhs.ptr.wrapping_add(p * rhs.row + j0)) }
-                    } else {
-                        _mm512_setzero_ps()
-                    }
-                };
-                let pair = _mm512_permutexvar_epi16(interleave, to_bf16x32(row(p0), row(p1)));
-                // SAFETY: pair-row r of tile t, 64 bytes inside `out` (contract).
-                unsafe { _mm512_storeu_si512(out.add(t * k_pad * TILE_N + 2 * TILE_N * r).cast(), pair) };
-            }
-        }
-        return;
-    }
     for k0 in (0..k_pad).step_by(32) {
         for t in 0..count {
             // SAFETY: chunk k0 of tile t0 + t, inside `out` (contract).
             unsafe { pack_b_chunk(rhs, k, n, t0 + t, k0, out.add(t * k_pad * TILE_N + k0 * TILE_N)) };
+        }
+    }
+}
+
+/// Rows i0..i0 + 32 of M (m × k, rows contiguous; rows past m are zero) into `pairs_out`, B's
+/// pair layout of M (k_pad/16 tiles of m_pad/2 pair-rows: pair-row r of tile t holds
+/// (M[2r][16t + j], M[2r + 1][16t + j]) in dword j), and into `rows_out` (m_pad × k_pad,
+/// row-major) when given. Two rows at a time, 32 columns of each: converted, stored as they are,
+/// and interleaved into the pair-rows of two tiles; columns in blocks of 512 (32 tiles written
+/// at once).
+///
+/// # Safety
+/// The CPU has AVX-512F/BW and AVX512_BF16; M readable on m × k with `mat.col == 1`; i0 a
+/// multiple of 32 below m_pad (a multiple of 32, ≥ m); k_pad a multiple of 32, ≥ k; both outputs
+/// writable for m_pad·k_pad elements, their rows i0..i0 + 32 (pair-rows i0/2..) this call's.
+#[target_feature(enable = "avx512f,avx512bw,avx512bf16")]
+pub(super) unsafe fn pack_rows_and_pairs(
+    mat: Mat,
+    m: usize,
+    k: usize,
+    i0: usize,
+    (k_pad, m_pad): (usize, usize),
+    rows_out: Option<*mut u16>,
+    pairs_out: *mut u16,
+) {
+    // Word 2j of the low result takes word j of the even row, word 2j + 1 word j of the odd row
+    // (index 32 + j); the high result the same from word 16 + j.
+    let lo_idx = _mm512_set_epi16(
+        47, 15, 46, 14, 45, 13, 44, 12, 43, 11, 42, 10, 41, 9, 40, 8, 39, 7, 38, 6, 37, 5, 36, 4, 35, 3, 34,
+        2, 33, 1, 32, 0,
+    );
+    let hi_idx = _mm512_set_epi16(
+        63, 31, 62, 30, 61, 29, 60, 28, 59, 27, 58, 26, 57, 25, 56, 24, 55, 23, 54, 22, 53, 21, 52, 20, 51,
+        19, 50, 18, 49, 17, 48, 16,
+    );
+    let tile_len = m_pad * TILE_N;
+    let row = |i: usize, c0: usize| {
+        if i >= m {
+            return _mm512_setzero_si512();
+        }
+        let src = mat.ptr.wrapping_add(i * mat.row + c0);
+        // SAFETY: the masked lanes are columns c0.. below k of row i < m, readable.
+        let (lo, hi) = unsafe {
+            if c0 + 32 <= k {
+                (_mm512_loadu_ps(src), _mm512_loadu_ps(src.add(16)))
+            } else {
+                (
+                    _mm512_maskz_loadu_ps(mask16(k.saturating_sub(c0)), src),
+                    _mm512_maskz_loadu_ps(mask16(k.saturating_sub(c0 + 16)), src.wrapping_add(16)),
+                )
+            }
+        };
+        to_bf16x32(lo, hi)
+    };
+    for cb in (0..k_pad).step_by(512) {
+        for p in (i0..i0 + 32).step_by(2) {
+            for c0 in (cb..k_pad.min(cb + 512)).step_by(32) {
+                let (even, odd) = (row(p, c0), row(p + 1, c0));
+                let t = c0 / TILE_N;
+                // SAFETY: rows p, p + 1 < m_pad, columns c0..c0 + 32 ≤ k_pad of `rows_out`;
+                // pair-row p/2 of tiles t and t + 1 < k_pad/16 of `pairs_out` (contract).
+                unsafe {
+                    if let Some(rows_out) = rows_out {
+                        _mm512_storeu_si512(rows_out.add(p * k_pad + c0).cast(), even);
+                        _mm512_storeu_si512(rows_out.add((p + 1) * k_pad + c0).cast(), odd);
+                    }
+                    let pair_row = pairs_out.add(t * tile_len + p / 2 * 2 * TILE_N);
+                    _mm512_storeu_si512(pair_row.cast(), _mm512_permutex2var_epi16(even, lo_idx, odd));
+                    _mm512_storeu_si512(
+                        pair_row.add(tile_len).cast(),
+                        _mm512_permutex2var_epi16(even, hi_idx, odd),
+                    );
+                }
+            }
         }
     }
 }
@@ -350,15 +399,17 @@ pub(super) fn bias_at(e: &Epilogue, col: usize) -> *const f32 {
     }
 }
 
-/// MR rows of packed A (rows `a_stride` elements apart) times two B tiles, over `pairs` pairs of
-/// k, with `vdpbf16ps`, added to `acc` (acc[i][h]: row i, columns 16h..16h + 16 of the pair).
-/// Each `vdpbf16ps` adds a pair's odd-k product, then its even-k one, to each lane.
+/// MR rows of packed A (rows `a_stride` elements apart; or, `TILED`, MR consecutive rows of
+/// one tile of B's pair layout) times two B tiles, over `pairs` pairs of k, with `vdpbf16ps`,
+/// added to `acc` (acc[i][h]: row i, columns 16h..16h + 16 of the pair). Each `vdpbf16ps` adds a
+/// pair's odd-k product, then its even-k one, to each lane.
 ///
 /// # Safety
-/// `a` readable for MR rows of 2·pairs, b0 and b1 for `pairs` rows of 32.
+/// `a` readable for MR rows of 2·pairs (`TILED`: `pairs` pair-rows of 32 elements, MR ≤ 16
+/// dwords of each), b0 and b1 for `pairs` rows of 32.
 #[target_feature(enable = "avx512f,avx512bf16")]
 #[inline]
-pub(super) unsafe fn dp_kernel<const MR: usize>(
+pub(super) unsafe fn dp_kernel<const MR: usize, const TILED: bool>(
     mut acc: [[__m512; 2]; MR],
     a: *const u16,
     a_stride: usize,
@@ -372,7 +423,8 @@ pub(super) unsafe fn dp_kernel<const MR: usize>(
             let w0: __m512bh = std::mem::transmute(_mm512_loadu_si512(b0.add(32 * r).cast()));
             let w1: __m512bh = std::mem::transmute(_mm512_loadu_si512(b1.add(32 * r).cast()));
             for (i, acc) in acc.iter_mut().enumerate() {
-                let x = a.add(i * a_stride + 2 * r).cast::<i32>().read_unaligned();
+                let at = if TILED { 2 * i + 2 * TILE_N * r } else { i * a_stride + 2 * r };
+                let x = a.add(at).cast::<i32>().read_unaligned();
                 let x: __m512bh = std::mem::transmute(_mm512_set1_epi32(x));
                 acc[0] = _mm512_dpbf16_ps(acc[0], x, w0);
                 acc[1] = _mm512_dpbf16_ps(acc[1], x, w1);
@@ -390,7 +442,7 @@ pub(super) unsafe fn dp_kernel<const MR: usize>(
 /// As [`dp_step`].
 #[target_feature(enable = "avx512f,avx512bf16")]
 #[inline]
-unsafe fn dp_rows<const MR: usize>(
+unsafe fn dp_rows<const MR: usize, const TILED: bool>(
     s: &Step,
     blk: &Block,
     i0: usize,
@@ -418,8 +470,7 @@ unsafe fn dp_rows<const MR: usize>(
         prefetch_rows(d, dst_row, MR, blk.cols);
     }
     // SAFETY: rows i0..i0 + MR of A and the chunk of both tiles are readable.
-    let acc =
-        unsafe { dp_kernel::<MR>(acc, s.a_row0.add(i0 * s.a_stride), s.a_stride, blk.b0, blk.b1, s.pairs) };
+    let acc = unsafe { dp_kernel::<MR, TILED>(acc, s.a_row(i0), s.a_stride, blk.b0, blk.b1, s.pairs) };
     for (i, acc) in acc.iter().enumerate() {
         for (h, (&cols, &acc)) in cols.iter().zip(acc).enumerate() {
             // SAFETY: row i0 + i of the scratch block or of the task's dst block, columns of the pair.
@@ -442,20 +493,37 @@ unsafe fn dp_rows<const MR: usize>(
 /// rows `dst_row` apart) and bias describe valid memory, the block of dst being the caller's.
 #[target_feature(enable = "avx512f,avx512bf16")]
 pub(super) unsafe fn dp_step(s: &Step, blk: &Block, dst: *mut f32, dst_row: usize, e: &Epilogue) {
+    // SAFETY: forwarded.
+    unsafe {
+        if s.a_tiled {
+            dp_step_on::<true>(s, blk, dst, dst_row, e)
+        } else {
+            dp_step_on::<false>(s, blk, dst, dst_row, e)
+        }
+    }
+}
+
+/// [`dp_step`] on one layout of A. Groups of 8 rows start at multiples of 8, so that in the tiled
+/// layout none straddles two tiles.
+///
+/// # Safety
+/// As [`dp_step`]; `TILED` is the step's `a_tiled`.
+#[target_feature(enable = "avx512f,avx512bf16")]
+unsafe fn dp_step_on<const TILED: bool>(s: &Step, blk: &Block, dst: *mut f32, dst_row: usize, e: &Epilogue) {
     let mut i0 = 0;
     while i0 < s.rows {
         let r = (s.rows - i0).min(8);
         // SAFETY: forwarded, rows i0..i0 + r.
         unsafe {
             match r {
-                8 => dp_rows::<8>(s, blk, i0, dst, dst_row, e),
-                7 => dp_rows::<7>(s, blk, i0, dst, dst_row, e),
-                6 => dp_rows::<6>(s, blk, i0, dst, dst_row, e),
-                5 => dp_rows::<5>(s, blk, i0, dst, dst_row, e),
-                4 => dp_rows::<4>(s, blk, i0, dst, dst_row, e),
-                3 => dp_rows::<3>(s, blk, i0, dst, dst_row, e),
-                2 => dp_rows::<2>(s, blk, i0, dst, dst_row, e),
-                _ => dp_rows::<1>(s, blk, i0, dst, dst_row, e),
+                8 => dp_rows::<8, TILED>(s, blk, i0, dst, dst_row, e),
+                7 => dp_rows::<7, TILED>(s, blk, i0, dst, dst_row, e),
+                6 => dp_rows::<6, TILED>(s, blk, i0, dst, dst_row, e),
+                5 => dp_rows::<5, TILED>(s, blk, i0, dst, dst_row, e),
+                4 => dp_rows::<4, TILED>(s, blk, i0, dst, dst_row, e),
+                3 => dp_rows::<3, TILED>(s, blk, i0, dst, dst_row, e),
+                2 => dp_rows::<2, TILED>(s, blk, i0, dst, dst_row, e),
+                _ => dp_rows::<1, TILED>(s, blk, i0, dst, dst_row, e),
             }
         }
         i0 += r;

@@ -391,7 +391,7 @@ fn bf16_compute_only() {
 #[test]
 #[ignore]
 fn bf16_packing_speed() {
-    use super::bf16::{PackedA, PackedB};
+    use super::bf16::{pack_both, PackedA, PackedB};
     tune_allocator();
     if Kernels::detect().bf16().is_none() {
         eprintln!("skipped: bf16_packing_speed: no bf16 kernel");
@@ -402,34 +402,31 @@ fn bf16_packing_speed() {
     let x: Vec<f32> = (0..r * c).map(|i| (i % 91) as f32 / 91.0 - 0.5).collect();
     let reps = reps();
     let gb = |t: f64| (r * c * 4) as f64 / t / 1e9;
-    let t = one.install(|| {
-        // SAFETY: x holds r × c floats, read row-major or transposed; the CPU has AVX512_BF16.
-        best_cpu(reps, || unsafe {
-            drop(std::hint::black_box(PackedA::new(Mat::row_major(x.as_ptr(), c), r, c, true, false)))
-        })
-    });
-    println!("  pack A row-major {r}×{c}: {:.2} ms, {:.1} GB/s of f32", t * 1e3, gb(t));
-    let t = one.install(|| {
-        // SAFETY: x holds r × c floats, read row-major or transposed; the CPU has AVX512_BF16.
-        best_cpu(reps, || unsafe {
-            drop(std::hint::black_box(PackedA::new(Mat::transposed(x.as_ptr(), r), r, c, true, false)))
-        })
-    });
-    println!("  pack A transposed {r}×{c}: {:.2} ms, {:.1} GB/s of f32", t * 1e3, gb(t));
-    let t = one.install(|| {
-        // SAFETY: x holds r × c floats, read row-major or transposed; the CPU has AVX512_BF16.
-        best_cpu(reps, || unsafe {
-            drop(std::hint::black_box(PackedB::new(Mat::row_major(x.as_ptr(), c), r, c, true, false)))
-        })
-    });
-    println!("  pack B row-major {r}×{c}: {:.2} ms, {:.1} GB/s of f32", t * 1e3, gb(t));
-    let t = one.install(|| {
-        // SAFETY: x holds r × c floats, read row-major or transposed; the CPU has AVX512_BF16.
-        best_cpu(reps, || unsafe {
-            drop(std::hint::black_box(PackedB::new(Mat::transposed(x.as_ptr(), r), r, c, true, false)))
-        })
-    });
-    println!("  pack B transposed {r}×{c}: {:.2} ms, {:.1} GB/s of f32", t * 1e3, gb(t));
+    let (rows, cols) = (Mat::row_major(x.as_ptr(), c), Mat::transposed(x.as_ptr(), r));
+    // SAFETY (every entry): x holds r × c floats, read row-major or transposed; the CPU has
+    // AVX512_BF16.
+    let packs: [(&str, &(dyn Fn() + Sync)); 5] = [
+        ("pack A row-major", &|| {
+            drop(std::hint::black_box(unsafe { PackedA::new(rows, r, c, true, false) }))
+        }),
+        ("pack A transposed", &|| {
+            drop(std::hint::black_box(unsafe { PackedA::new(cols, r, c, true, false) }))
+        }),
+        ("pack B row-major", &|| {
+            drop(std::hint::black_box(unsafe { PackedB::new(rows, r, c, true, false) }))
+        }),
+        ("pack B transposed", &|| {
+            drop(std::hint::black_box(unsafe { PackedB::new(cols, r, c, true, false) }))
+        }),
+        // Both layouts of a row-major M at once: M as A, Mᵀ as A (B's layout of M).
+        ("pack A and Aᵀ of row-major", &|| {
+            drop(std::hint::black_box(unsafe { pack_both(rows, r, c, false) }))
+        }),
+    ];
+    for (what, pack) in packs {
+        let t = one.install(|| best_cpu(reps, pack));
+        println!("  {what} {r}×{c}: {:.2} ms, {:.1} GB/s of f32", t * 1e3, gb(t));
+    }
 }
 
 /// Not a speed: how the fp32 product (the gemm crate on this CPU) sums over k. For each shape,

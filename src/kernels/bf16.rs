@@ -153,12 +153,16 @@ impl<T> SharedPtr<T> {
     }
 }
 
-/// A (m × k) packed for the bf16 kernels (layout in the module doc).
+/// A (m × k) packed for the bf16 kernels: row-major (layout in the module doc), or, for the
+/// `vdpbf16ps` kernel only, `tiled` in B's pair layout (tiles of 16 rows, each k_pad/2 pair-rows
+/// of 16 dwords: dword i of pair-row r of tile t holds (A[16t + i][2r], A[16t + i][2r + 1])),
+/// which is how [`pack_both`] lays out the transpose of a row-major matrix without transposing.
 pub(super) struct PackedA {
     pub(super) data: Bf16Buf,
     /// Rows that are real (the rest up to a multiple of [`ROW_ALIGN`] are zero).
     pub(super) m: usize,
     pub(super) k_pad: usize,
+    pub(super) tiled: bool,
 }
 
 impl PackedA {
@@ -206,12 +210,93 @@ impl PackedA {
         };
         // SAFETY: the units cover the buffer's rows_pad·k_pad elements, each writing all of its own.
         let data = unsafe { Bf16Buf::filled(rows_pad * k_pad, fill) };
-        PackedA { data, m, k_pad }
+        PackedA { data, m, k_pad, tiled: false }
     }
 
-    /// Row i of the packed rows.
-    fn row(&self, i: usize) -> *const u16 {
-        self.data.as_slice()[i * self.k_pad..].as_ptr()
+    /// Elements between consecutive rows (within a group of 16) and between consecutive pairs
+    /// of k.
+    fn strides(&self) -> (usize, usize) {
+        if self.tiled {
+            (2, 2 * TILE_N)
+        } else {
+            (self.k_pad, 2)
+        }
+    }
+
+    /// Row i (a multiple of 16), from k = kc (even).
+    fn at(&self, i: usize, kc: usize) -> *const u16 {
+        let (row, pair) = self.strides();
+        self.data.as_slice()[i / 16 * (16 * self.k_pad) + i % 16 * row + kc / 2 * pair..].as_ptr()
+    }
+}
+
+/// M (m × k, rows contiguous) packed in one pass for the two products of a layer's backward:
+/// as the left operand of one (m × k, row-major [`PackedA`]) and its transpose as the left
+/// operand of the other (k × m, `tiled`: B's pair layout of M itself, so nothing is transposed).
+/// Both round as [`PackedA::new`] does. Rows of M are taken 32 at a time, spread over rayon's
+/// threads when `parallel`.
+///
+/// # Safety
+/// M readable at every (i, p) of m × k with `mat.col == 1`; the CPU has AVX512_BF16 (with
+/// AVX-512F/BW).
+#[cfg(target_arch = "x86_64")]
+pub(super) unsafe fn pack_both(mat: Mat, m: usize, k: usize, parallel: bool) -> (PackedA, PackedA) {
+    let (m_pad, k_pad) = (m.next_multiple_of(ROW_ALIGN), k.next_multiple_of(K_ALIGN));
+    let mut pairs = None;
+    let fill_rows = |rows_out: *mut u16| {
+        let fill_pairs = |pairs_out: *mut u16| {
+            // SAFETY: forwarded; both buffers hold m_pad·k_pad elements.
+            unsafe { pack_pair_rows(mat, m, k, parallel, Some(SharedPtr(rows_out)), SharedPtr(pairs_out)) }
+        };
+        // SAFETY: pack_pair_rows writes every element of both buffers.
+        pairs = Some(unsafe { Bf16Buf::filled(k_pad * m_pad, fill_pairs) });
+    };
+    // SAFETY: as above.
+    let rows = unsafe { Bf16Buf::filled(m_pad * k_pad, fill_rows) };
+    (
+        PackedA { data: rows, m, k_pad, tiled: false },
+        PackedA { data: pairs.expect("filled with the rows"), m: k, k_pad: m_pad, tiled: true },
+    )
+}
+
+/// M (m × k, rows contiguous) rounded to bf16 into `pairs_out`, B's pair layout of M (k_pad/16
+/// tiles of m_pad/2 pair-rows; the padding zero), and into `rows_out` row-major (m_pad × k_pad)
+/// when given, in one pass: 32 rows of M at a time, spread over rayon's threads when `parallel`.
+///
+/// # Safety
+/// M readable on m × k with `mat.col == 1`; the CPU has AVX512_BF16 (with AVX-512F/BW); the
+/// outputs writable for m_pad·k_pad elements (m_pad = m and k_pad = k rounded up to 32).
+#[cfg(target_arch = "x86_64")]
+unsafe fn pack_pair_rows(
+    mat: Mat,
+    m: usize,
+    k: usize,
+    parallel: bool,
+    rows_out: Option<SharedPtr<u16>>,
+    pairs_out: SharedPtr<u16>,
+) {
+    assert_eq!(mat.col, 1, "pack_pair_rows: rows must be contiguous");
+    let (m_pad, k_pad) = (m.next_multiple_of(ROW_ALIGN), k.next_multiple_of(K_ALIGN));
+    let work = |g: usize| {
+        // SAFETY: rows g·32.. of the row-major buffer and pair-rows g·16.. of every tile are
+        // this unit's alone; M is readable on m × k (contract).
+        unsafe {
+            super::avx512::pack_rows_and_pairs(
+                mat,
+                m,
+                k,
+                g * ROW_ALIGN,
+                (k_pad, m_pad),
+                rows_out.map(|r| r.get()),
+                pairs_out.get(),
+            )
+        }
+    };
+    let units = m_pad / ROW_ALIGN;
+    if parallel && units > 1 && m * k >= 1 << 14 {
+        (0..units).into_par_iter().for_each(work);
+    } else {
+        (0..units).for_each(work);
     }
 }
 
@@ -269,6 +354,18 @@ impl PackedB {
     /// AVX-512F/BW).
     pub(super) unsafe fn new(rhs: Mat, k: usize, n: usize, hw: bool, parallel: bool) -> PackedB {
         let (k_pad, n_pad) = (k.next_multiple_of(K_ALIGN), n.next_multiple_of(N_ALIGN));
+        #[cfg(target_arch = "x86_64")]
+        if hw && rhs.col == 1 {
+            // Rows contiguous: 32 rows at a time into the pair-rows of every tile (what
+            // `pack_both` does for its transpose), rather than tiles at a time.
+            let fill = |out: *mut u16| {
+                // SAFETY: forwarded; the buffer holds k_pad·n_pad elements.
+                unsafe { pack_pair_rows(rhs, k, n, parallel, None, SharedPtr(out)) }
+            };
+            // SAFETY: pack_pair_rows writes every element.
+            let data = unsafe { Bf16Buf::filled(n_pad * k_pad, fill) };
+            return PackedB { data, k, n, k_pad };
+        }
         let tile_len = k_pad * TILE_N;
         let tiles = n_pad / TILE_N;
         // Units of work: one tile; when rhs is row-major, as many (up to 32) as still give each
@@ -534,8 +631,10 @@ unsafe fn run_task(kind: Bf16Kernel, a: &PackedA, b: &PackedB, out: Out, task: T
         for c in 0..chunks {
             let kc = c * KC;
             let step = Step {
-                a_row0: a.row(task.i0).wrapping_add(kc),
-                a_stride: a.k_pad,
+                a_row0: a.at(task.i0, kc),
+                a_stride: a.strides().0,
+                a_tile: 16 * a.k_pad,
+                a_tiled: a.tiled,
                 rows,
                 pairs: (b.k_pad - kc).min(KC) / 2,
                 first: c == 0,
@@ -574,9 +673,13 @@ unsafe fn run_task(kind: Bf16Kernel, a: &PackedA, b: &PackedB, out: Out, task: T
 
 /// One chunk of k for a task's rows: what the kernels need besides the B tiles.
 pub(super) struct Step {
-    /// Packed A at (the task's first row, the chunk's first k); rows `a_stride` elements apart.
+    /// Packed A at (the task's first row, the chunk's first k); rows `a_stride` elements apart
+    /// within a group of 16, groups `a_tile` apart (row-major: a_tile = 16·a_stride).
     pub(super) a_row0: *const u16,
     pub(super) a_stride: usize,
+    pub(super) a_tile: usize,
+    /// A in B's pair layout ([`PackedA`]'s `tiled`): pairs of k 32 elements apart, not 2.
+    pub(super) a_tiled: bool,
     /// The task's real rows (packed A has zero rows up to a multiple of 32 beyond them).
     pub(super) rows: usize,
     /// Pairs of k in this chunk.
@@ -589,6 +692,13 @@ pub(super) struct Step {
     /// column block) at scratch + i·scratch_row + j.
     pub(super) scratch: *mut f32,
     pub(super) scratch_row: usize,
+}
+
+impl Step {
+    /// Packed A at row i (from the task's first row) of the chunk.
+    pub(super) fn a_row(&self, i: usize) -> *const u16 {
+        self.a_row0.wrapping_add(i / 16 * self.a_tile + i % 16 * self.a_stride)
+    }
 }
 
 /// One pair of B tiles within a [`Step`].

@@ -152,6 +152,104 @@ impl Rhs {
     }
 }
 
+/// A left operand M (m × k, rows contiguous) prepared once for a product with M on the left and
+/// one with Mᵀ on the left: the two products of a layer's backward that share d out (d inp =
+/// d out · W, d W += d outᵀ · inp). On the `vdpbf16ps` kernel in bf16 both are packed here in one
+/// pass ([`bf16::pack_both`]), Mᵀ without transposing; otherwise it is the matrix itself. A
+/// product through it gives the bits of [`matmul`] on the matrix (or its transposed view).
+pub struct Lhs {
+    mat: Mat,
+    m: usize,
+    k: usize,
+    /// M and Mᵀ packed, for these kernels and precision.
+    packed: Option<(bf16::PackedA, bf16::PackedA, Kernels, Precision)>,
+}
+
+impl Lhs {
+    /// `mat` (m × k, `mat.col == 1`), packed for products on `kernels` in `precision` where that
+    /// pays (in parallel when `parallel`).
+    ///
+    /// # Safety
+    /// `mat` must be readable at every (i, p) of m × k, and stay so and unchanged while the value
+    /// is used.
+    pub unsafe fn new(
+        kernels: Kernels,
+        precision: Precision,
+        mat: Mat,
+        m: usize,
+        k: usize,
+        parallel: bool,
+    ) -> Lhs {
+        assert_eq!(mat.col, 1, "Lhs: rows must be contiguous");
+        let dp = precision == Precision::Bf16 && kernels.bf16() == Some(Bf16Kernel::Avx512Bf16);
+        #[cfg(target_arch = "x86_64")]
+        // SAFETY: the contract; the vdpbf16ps kernel implies AVX512_BF16 and AVX-512F/BW.
+        let packed = dp.then(|| {
+            let (rows, pairs) = unsafe { bf16::pack_both(mat, m, k, parallel) };
+            (rows, pairs, kernels, precision)
+        });
+        #[cfg(not(target_arch = "x86_64"))]
+        let packed = {
+            let _ = (dp, parallel);
+            None
+        };
+        Lhs { mat, m, k, packed }
+    }
+
+    /// dst = [dst +] scale · op(M) · rhs, op(M) being M (m × k) or, when `transposed`, Mᵀ (k × m),
+    /// as [`matmul_rhs`] without a bias.
+    ///
+    /// # Safety
+    /// As [`matmul_rhs`]: dst holds op(M)'s rows × rhs's n at `dst_row`, overlapping neither
+    /// operand; M and rhs's matrix still valid; rhs's k is op(M)'s columns.
+    #[allow(clippy::too_many_arguments)]
+    pub unsafe fn matmul(
+        &self,
+        transposed: bool,
+        rhs: &Rhs,
+        dst: *mut f32,
+        dst_row: usize,
+        accumulate: bool,
+        scale: f32,
+        parallel: bool,
+    ) {
+        let (rows, cols) = if transposed { (self.k, self.m) } else { (self.m, self.k) };
+        assert_eq!(rhs.k, cols, "Lhs::matmul: operands of different k");
+        if rows == 0 || rhs.n == 0 {
+            return;
+        }
+        if let (Some((a, at, kernels, precision)), Some(b)) = (&self.packed, &rhs.packed) {
+            if (*kernels, *precision) == (rhs.kernels, rhs.precision) {
+                let kind = kernels.bf16().expect("packed for a bf16 kernel");
+                let out = bf16::Out {
+                    dst: bf16::SharedPtr(dst),
+                    dst_row,
+                    e: bf16::Epilogue { scale, accumulate, bias: std::ptr::null() },
+                };
+                // SAFETY: the operands pack op(M) and rhs for the same k (checked); dst is the
+                // caller's (contract); the kernel was detected on this CPU.
+                unsafe {
+                    bf16::gemm_packed(
+                        kind,
+                        if transposed { at } else { a },
+                        b,
+                        out,
+                        bf16::Schedule::Blocks { parallel },
+                    )
+                };
+                return;
+            }
+        }
+        let lhs = if transposed {
+            Mat { ptr: self.mat.ptr, row: self.mat.col, col: self.mat.row }
+        } else {
+            self.mat
+        };
+        // SAFETY: forwarded; lhs reads M (or its transpose) inside its shape.
+        unsafe { matmul_rhs(rows, dst, dst_row, accumulate, lhs, rhs, scale, None, parallel) }
+    }
+}
+
 /// dst (m × rhs's n, rows `dst_row` apart) = [dst +] scale · lhs (m × rhs's k) · rhs [+ bias],
 /// as [`matmul`]. A bias requires scale 1 and no accumulation; the bf16 kernels add it on the way
 /// out (one pass over dst fewer), the others after the product, with the same values either way.

@@ -451,6 +451,63 @@ fn bias_on_the_way_out_is_adding_it_after() {
     }
 }
 
+/// A left operand prepared once ([`Lhs`]) gives, bit for bit, what [`matmul`] gives with the
+/// matrix and with its transposed view on the left, on every path this CPU has (on the
+/// `vdpbf16ps` kernel in bf16 both come from one packing pass, Mᵀ in B's pair layout), for every
+/// case whose left operand has contiguous rows; dst's padding is untouched.
+#[test]
+fn lhs_packed_both_ways_gives_the_bits_of_matmul() {
+    let mut rng = Rng(0x1B5_0002);
+    let paths = every_path();
+    let bits = |v: &[f32]| v.iter().map(|x| x.to_bits()).collect::<Vec<_>>();
+    for c in cases().into_iter().filter(|c| matches!(c.lhs, Layout::RowMajor)) {
+        let x = inputs(&c, &mut rng, false);
+        // Mᵀ (k × m) times a second right operand (m × n), into a k × n dst.
+        let b2 = Operand::new(c.m, c.n, c.rhs, &mut || rng.f32());
+        let dst2: Vec<f32> =
+            (0..c.k * x.dst_row).map(|i| if i % x.dst_row < c.n { rng.f32() } else { 1234.5 }).collect();
+        for &(kernels, precision) in &paths {
+            let want = run(kernels, precision, &c, &x, true);
+            let mut want2 = dst2.clone();
+            let mt = Mat { ptr: x.a.buf.as_ptr(), row: 1, col: x.a.row };
+            let (mut got, mut got2) = (x.dst.clone(), dst2.clone());
+            // SAFETY: as in `run`: M is m × k at its strides, the right operands k × n and m × n,
+            // dst m (and dst2 k) rows of dst_row ≥ n.
+            unsafe {
+                matmul(
+                    kernels,
+                    precision,
+                    c.k,
+                    c.n,
+                    c.m,
+                    want2.as_mut_ptr(),
+                    x.dst_row,
+                    c.accumulate,
+                    mt,
+                    b2.mat(),
+                    c.scale,
+                    true,
+                );
+                let lhs = Lhs::new(kernels, precision, x.a.mat(), c.m, c.k, true);
+                let rhs = Rhs::new(kernels, precision, x.b.mat(), c.k, c.n, true);
+                lhs.matmul(false, &rhs, got.as_mut_ptr(), x.dst_row, c.accumulate, c.scale, true);
+                let rhs2 = Rhs::new(kernels, precision, b2.mat(), c.m, c.n, true);
+                lhs.matmul(true, &rhs2, got2.as_mut_ptr(), x.dst_row, c.accumulate, c.scale, true);
+            }
+            let what = format!("{precision:?} {}: {c:?}", kernels.describe());
+            if c.m > 0 && c.n > 0 && c.k > 0 {
+                assert_ne!(bits(&got), bits(&x.dst), "{what} wrote nothing");
+                assert_ne!(bits(&got2), bits(&dst2), "{what} (transposed) wrote nothing");
+            }
+            assert_eq!(bits(&got), bits(&want), "{what}");
+            assert_eq!(bits(&got2), bits(&want2), "{what} (transposed)");
+        }
+    }
+    for (kernels, precision) in paths {
+        eprintln!("lhs packed both ways: {precision:?} {}", kernels.describe());
+    }
+}
+
 /// Same bytes from two calls, and from 1 and 2 threads, for every path present.
 #[test]
 fn deterministic() {

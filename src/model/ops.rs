@@ -215,7 +215,7 @@ pub unsafe fn attention(
     );
 }
 
-use crate::kernels::{matmul, matmul_rhs, Rhs};
+use crate::kernels::{matmul, matmul_rhs, Lhs, Rhs};
 
 /// A weight W (oc, ic) as the right operand of its layer's products, prepared once (in bf16,
 /// rounded and packed) for several of them: the LM head's, one chunk of rows at a time.
@@ -317,24 +317,15 @@ pub fn matmul_backward_with(
     assert!(!w.forward, "matmul_backward: W prepared for the forward product");
     assert!(dinp.len() == n_rows * ic && dw.len() == oc * ic, "matmul_backward shapes");
     assert!(dout.len() == n_rows * oc && inp.len() == n_rows * ic, "matmul_backward shapes");
-    // SAFETY: as in matmul_forward_with; each destination is a separate buffer of the stated size.
+    // SAFETY: as in matmul_forward_with; each destination is a separate buffer of the stated size;
+    // d out and inp outlive the prepared operands.
     unsafe {
-        let d_out = Mat::row_major(dout.as_ptr(), oc);
-        matmul_rhs(n_rows, dinp.as_mut_ptr(), ic, false, d_out, &w.rhs, 1.0, None, true);
-        matmul(
-            c.kernels,
-            c.precision,
-            oc,
-            ic,
-            n_rows,
-            dw.as_mut_ptr(),
-            ic,
-            true,
-            Mat::transposed(dout.as_ptr(), oc),
-            Mat::row_major(inp.as_ptr(), ic),
-            1.0,
-            true,
-        );
+        // d out is the left operand of both products (d inp = d out · W, d W += d outᵀ · inp):
+        // prepared (in bf16: packed both ways) once.
+        let d_out = Lhs::new(c.kernels, c.precision, Mat::row_major(dout.as_ptr(), oc), n_rows, oc, true);
+        d_out.matmul(false, &w.rhs, dinp.as_mut_ptr(), ic, false, 1.0, true);
+        let inp = Rhs::new(c.kernels, c.precision, Mat::row_major(inp.as_ptr(), ic), n_rows, ic, true);
+        d_out.matmul(true, &inp, dw.as_mut_ptr(), ic, true, 1.0, true);
     }
     if let Some(db) = dbias {
         assert_eq!(db.len(), oc, "matmul_backward: bias gradient length");
