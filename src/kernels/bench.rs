@@ -58,6 +58,9 @@ struct Product {
     rhs: Mat,
     accumulate: bool,
     per_step: usize,
+    /// lhs is the transpose of a row-major matrix, taken through [`Lhs`] as the engine's d W
+    /// products take it (on the `vdpbf16ps` kernel in bf16: packed in B's pair layout).
+    via_lhs: bool,
 }
 
 /// What `collapse_lab::tune_allocator` does in the lab's binaries (keep freed large blocks
@@ -114,6 +117,7 @@ fn matmul_speed() {
             rhs: Mat::transposed(w.as_ptr(), ic),
             accumulate: false,
             per_step,
+            via_lhs: false,
         });
         // dinp (bt × ic) = dout (bt × oc) · W (oc × ic)
         products.push(Product {
@@ -125,18 +129,23 @@ fn matmul_speed() {
             rhs: Mat::row_major(w.as_ptr(), ic),
             accumulate: false,
             per_step,
+            via_lhs: false,
         });
-        // dW (oc × ic) += doutᵀ (oc × bt) · inp (bt × ic)
-        products.push(Product {
-            name: format!("{name} dW {oc}×{bt}·{bt}×{ic}"),
-            m: oc,
-            n: ic,
-            k: bt,
-            lhs: Mat::transposed(dout.as_ptr(), oc),
-            rhs: Mat::row_major(inp.as_ptr(), ic),
-            accumulate: true,
-            per_step,
-        });
+        // dW (oc × ic) += doutᵀ (oc × bt) · inp (bt × ic): as the engine runs it (through Lhs),
+        // and through `matmul` on the transposed view (not counted in the step).
+        for via_lhs in [true, false] {
+            products.push(Product {
+                name: format!("{name} dW{} {oc}×{bt}·{bt}×{ic}", if via_lhs { "" } else { " (matmul)" }),
+                m: oc,
+                n: ic,
+                k: bt,
+                lhs: Mat::transposed(dout.as_ptr(), oc),
+                rhs: Mat::row_major(inp.as_ptr(), ic),
+                accumulate: true,
+                per_step: if via_lhs { per_step } else { 0 },
+                via_lhs,
+            });
+        }
     }
     let mut dst = vec![0f32; big];
     let mut paths = Vec::new();
@@ -172,7 +181,33 @@ fn matmul_speed() {
                 // SAFETY: the buffers hold every operand at these shapes; dst is separate.
                 unsafe {
                     let dst = dst as *mut f32;
-                    matmul(kernels, precision, p.m, p.n, p.k, dst, p.n, p.accumulate, p.lhs, p.rhs, 1.0, true)
+                    if p.via_lhs {
+                        let lhs = Lhs::new(
+                            kernels,
+                            precision,
+                            Mat::row_major(p.lhs.ptr, p.lhs.col),
+                            p.k,
+                            p.m,
+                            true,
+                        );
+                        let rhs = Rhs::new(kernels, precision, p.rhs, p.k, p.n, true);
+                        lhs.matmul(true, &rhs, dst, p.n, p.accumulate, 1.0, true);
+                    } else {
+                        matmul(
+                            kernels,
+                            precision,
+                            p.m,
+                            p.n,
+                            p.k,
+                            dst,
+                            p.n,
+                            p.accumulate,
+                            p.lhs,
+                            p.rhs,
+                            1.0,
+                            true,
+                        )
+                    }
                 }
             };
             pool.install(|| if cpu { best_cpu(reps, go) } else { best(reps, go) })

@@ -241,12 +241,47 @@ impl PackedA {
 /// AVX-512F/BW).
 #[cfg(target_arch = "x86_64")]
 pub(super) unsafe fn pack_both(mat: Mat, m: usize, k: usize, parallel: bool) -> (PackedA, PackedA) {
+    // SAFETY: forwarded; nothing to compute first.
+    unsafe { pack_both_on(mat, m, k, parallel, |_| ()) }
+}
+
+/// [`pack_both`] of a matrix computed 32 rows at a time (group g: rows 32g..) by `before(g)`,
+/// on rayon's threads, each group packed right after it is computed.
+///
+/// # Safety
+/// As [`pack_both`], M being readable once `before` has run for the group; `before(g)` writes
+/// only group g's rows.
+#[cfg(target_arch = "x86_64")]
+pub(super) unsafe fn pack_both_after(
+    mat: Mat,
+    m: usize,
+    k: usize,
+    before: impl Fn(usize) + Sync,
+) -> (PackedA, PackedA) {
+    // SAFETY: forwarded.
+    unsafe { pack_both_on(mat, m, k, true, before) }
+}
+
+/// [`pack_both`] with `before(g)` run just before group g is packed.
+///
+/// # Safety
+/// As [`pack_both_after`].
+#[cfg(target_arch = "x86_64")]
+unsafe fn pack_both_on(
+    mat: Mat,
+    m: usize,
+    k: usize,
+    parallel: bool,
+    before: impl Fn(usize) + Sync,
+) -> (PackedA, PackedA) {
     let (m_pad, k_pad) = (m.next_multiple_of(ROW_ALIGN), k.next_multiple_of(K_ALIGN));
     let mut pairs = None;
     let fill_rows = |rows_out: *mut u16| {
         let fill_pairs = |pairs_out: *mut u16| {
             // SAFETY: forwarded; both buffers hold m_pad·k_pad elements.
-            unsafe { pack_pair_rows(mat, m, k, parallel, Some(SharedPtr(rows_out)), SharedPtr(pairs_out)) }
+            unsafe {
+                pack_pair_rows(mat, m, k, parallel, Some(SharedPtr(rows_out)), SharedPtr(pairs_out), &before)
+            }
         };
         // SAFETY: pack_pair_rows writes every element of both buffers.
         pairs = Some(unsafe { Bf16Buf::filled(k_pad * m_pad, fill_pairs) });
@@ -261,11 +296,13 @@ pub(super) unsafe fn pack_both(mat: Mat, m: usize, k: usize, parallel: bool) -> 
 
 /// M (m × k, rows contiguous) rounded to bf16 into `pairs_out`, B's pair layout of M (k_pad/16
 /// tiles of m_pad/2 pair-rows; the padding zero), and into `rows_out` row-major (m_pad × k_pad)
-/// when given, in one pass: 32 rows of M at a time, spread over rayon's threads when `parallel`.
+/// when given, in one pass: 32 rows of M at a time (group g: rows 32g.., each after `before(g)`
+/// if it has real rows), spread over rayon's threads when `parallel`.
 ///
 /// # Safety
-/// M readable on m × k with `mat.col == 1`; the CPU has AVX512_BF16 (with AVX-512F/BW); the
-/// outputs writable for m_pad·k_pad elements (m_pad = m and k_pad = k rounded up to 32).
+/// M readable on m × k with `mat.col == 1` (a group once `before` has run for it); the CPU has
+/// AVX512_BF16 (with AVX-512F/BW); the outputs writable for m_pad·k_pad elements (m_pad = m and
+/// k_pad = k rounded up to 32).
 #[cfg(target_arch = "x86_64")]
 unsafe fn pack_pair_rows(
     mat: Mat,
@@ -274,10 +311,14 @@ unsafe fn pack_pair_rows(
     parallel: bool,
     rows_out: Option<SharedPtr<u16>>,
     pairs_out: SharedPtr<u16>,
+    before: &(impl Fn(usize) + Sync),
 ) {
     assert_eq!(mat.col, 1, "pack_pair_rows: rows must be contiguous");
     let (m_pad, k_pad) = (m.next_multiple_of(ROW_ALIGN), k.next_multiple_of(K_ALIGN));
     let work = |g: usize| {
+        if g * ROW_ALIGN < m {
+            before(g);
+        }
         // SAFETY: rows g·32.. of the row-major buffer and pair-rows g·16.. of every tile are
         // this unit's alone; M is readable on m × k (contract).
         unsafe {
@@ -360,7 +401,7 @@ impl PackedB {
             // `pack_both` does for its transpose), rather than tiles at a time.
             let fill = |out: *mut u16| {
                 // SAFETY: forwarded; the buffer holds k_pad·n_pad elements.
-                unsafe { pack_pair_rows(rhs, k, n, parallel, None, SharedPtr(out)) }
+                unsafe { pack_pair_rows(rhs, k, n, parallel, None, SharedPtr(out), &|_| ()) }
             };
             // SAFETY: pack_pair_rows writes every element.
             let data = unsafe { Bf16Buf::filled(n_pad * k_pad, fill) };

@@ -196,6 +196,62 @@ impl Lhs {
         Lhs { mat, m, k, packed }
     }
 
+    /// M (m × k, row-major in `buf`) computed a row at a time by `row(i, row i of buf, &mut
+    /// out[i])`, spread over rayon's threads, and prepared as [`Lhs::new`] prepares it. Where
+    /// that packs, each group of 32 rows is packed as soon as it is computed, while it is still
+    /// in cache, instead of in a pass of its own over M afterwards; either way `buf` ends up
+    /// holding M and the packed operands are the same.
+    ///
+    /// # Safety
+    /// `buf` must stay valid and unchanged while the value is used (it is read by products on
+    /// the plain path).
+    pub unsafe fn from_rows(
+        kernels: Kernels,
+        precision: Precision,
+        (m, k): (usize, usize),
+        buf: &mut [f32],
+        out: &mut [f32],
+        row: impl Fn(usize, &mut [f32], &mut f32) + Sync,
+    ) -> Lhs {
+        assert!(buf.len() == m * k && out.len() == m, "Lhs::from_rows: buffers of another shape");
+        let dp = precision == Precision::Bf16 && kernels.bf16() == Some(Bf16Kernel::Avx512Bf16);
+        #[cfg(target_arch = "x86_64")]
+        if dp && k > 0 {
+            let (bufp, outp) = (bf16::SharedPtr(buf.as_mut_ptr()), bf16::SharedPtr(out.as_mut_ptr()));
+            let mat = Mat::row_major(bufp.get(), k);
+            let group = |g: usize| {
+                let (r0, r1) = (g * bf16::ROW_ALIGN, m.min((g + 1) * bf16::ROW_ALIGN));
+                // SAFETY: rows r0..r1 of buf (m × k) and out (m), written by this task alone:
+                // the groups do not overlap.
+                let (rows, outs) = unsafe {
+                    (
+                        std::slice::from_raw_parts_mut(bufp.get().add(r0 * k), (r1 - r0) * k),
+                        std::slice::from_raw_parts_mut(outp.get().add(r0), r1 - r0),
+                    )
+                };
+                for ((i, x), o) in rows.chunks_mut(k).enumerate().zip(outs) {
+                    row(r0 + i, x, o);
+                }
+            };
+            // SAFETY: each group's rows are computed before the group is packed, and buf is not
+            // written again (contract); the vdpbf16ps kernel implies AVX512_BF16.
+            let (rows, pairs) = unsafe { bf16::pack_both_after(mat, m, k, group) };
+            return Lhs { mat, m, k, packed: Some((rows, pairs, kernels, precision)) };
+        }
+        let _ = dp;
+        let mat = Mat::row_major(buf.as_ptr(), k);
+        if k > 0 {
+            buf.par_chunks_mut(k).zip(out.par_iter_mut()).enumerate().for_each(|(i, (x, o))| row(i, x, o));
+        }
+        // SAFETY: buf holds m × k (checked) and stays valid (contract).
+        unsafe { Lhs::new(kernels, precision, mat, m, k, true) }
+    }
+
+    /// M's shape, (m, k).
+    pub fn shape(&self) -> (usize, usize) {
+        (self.m, self.k)
+    }
+
     /// dst = [dst +] scale · op(M) · rhs, op(M) being M (m × k) or, when `transposed`, Mᵀ (k × m),
     /// as [`matmul_rhs`] without a bias.
     ///

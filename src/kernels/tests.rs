@@ -454,7 +454,8 @@ fn bias_on_the_way_out_is_adding_it_after() {
 /// A left operand prepared once ([`Lhs`]) gives, bit for bit, what [`matmul`] gives with the
 /// matrix and with its transposed view on the left, on every path this CPU has (on the
 /// `vdpbf16ps` kernel in bf16 both come from one packing pass, Mᵀ in B's pair layout), for every
-/// case whose left operand has contiguous rows; dst's padding is untouched.
+/// case whose left operand has contiguous rows, whether M is given or computed row by row
+/// ([`Lhs::from_rows`]); dst's padding is untouched.
 #[test]
 fn lhs_packed_both_ways_gives_the_bits_of_matmul() {
     let mut rng = Rng(0x1B5_0002);
@@ -494,7 +495,67 @@ fn lhs_packed_both_ways_gives_the_bits_of_matmul() {
                 let rhs2 = Rhs::new(kernels, precision, b2.mat(), c.m, c.n, true);
                 lhs.matmul(true, &rhs2, got2.as_mut_ptr(), x.dst_row, c.accumulate, c.scale, true);
             }
+            // The same M computed row by row into a buffer of its own (`Lhs::from_rows`, which
+            // packs each group of rows as it is done): the same products.
+            let (mut buf, mut outs) = (vec![f32::NAN; c.m * c.k], vec![f32::NAN; c.m]);
+            let (mut from_rows, mut from_rows2) = (x.dst.clone(), dst2.clone());
+            // SAFETY: as above; buf is m × k and is not written while the Lhs lives.
+            unsafe {
+                let row = |i: usize, r: &mut [f32], o: &mut f32| {
+                    r.iter_mut().enumerate().for_each(|(p, v)| *v = x.a.at(i, p));
+                    *o = i as f32;
+                };
+                let lhs = Lhs::from_rows(kernels, precision, (c.m, c.k), &mut buf, &mut outs, row);
+                let rhs = Rhs::new(kernels, precision, x.b.mat(), c.k, c.n, true);
+                lhs.matmul(false, &rhs, from_rows.as_mut_ptr(), x.dst_row, c.accumulate, c.scale, true);
+                let rhs2 = Rhs::new(kernels, precision, b2.mat(), c.m, c.n, true);
+                lhs.matmul(true, &rhs2, from_rows2.as_mut_ptr(), x.dst_row, c.accumulate, c.scale, true);
+            }
             let what = format!("{precision:?} {}: {c:?}", kernels.describe());
+            if c.k > 0 {
+                assert!(outs.iter().enumerate().all(|(i, &o)| o == i as f32), "{what}: from_rows outputs");
+                assert!(buf
+                    .iter()
+                    .enumerate()
+                    .all(|(j, &v)| v.to_bits() == x.a.at(j / c.k, j % c.k).to_bits()));
+            }
+            // Against matmul on buf itself (its rows k apart: the fp32 kernels' order of summing
+            // may depend on the strides).
+            let (mut want3, mut want4) = (x.dst.clone(), dst2.clone());
+            let (m_buf, mt_buf) = (Mat::row_major(buf.as_ptr(), c.k), Mat::transposed(buf.as_ptr(), c.k));
+            // SAFETY: buf holds m × k; the rest as above.
+            unsafe {
+                matmul(
+                    kernels,
+                    precision,
+                    c.m,
+                    c.n,
+                    c.k,
+                    want3.as_mut_ptr(),
+                    x.dst_row,
+                    c.accumulate,
+                    m_buf,
+                    x.b.mat(),
+                    c.scale,
+                    true,
+                );
+                matmul(
+                    kernels,
+                    precision,
+                    c.k,
+                    c.n,
+                    c.m,
+                    want4.as_mut_ptr(),
+                    x.dst_row,
+                    c.accumulate,
+                    mt_buf,
+                    b2.mat(),
+                    c.scale,
+                    true,
+                );
+            }
+            assert_eq!(bits(&from_rows), bits(&want3), "{what} (from_rows)");
+            assert_eq!(bits(&from_rows2), bits(&want4), "{what} (from_rows, transposed)");
             if c.m > 0 && c.n > 0 && c.k > 0 {
                 assert_ne!(bits(&got), bits(&x.dst), "{what} wrote nothing");
                 assert_ne!(bits(&got2), bits(&dst2), "{what} (transposed) wrote nothing");

@@ -14,11 +14,11 @@
 
 use super::ops::{
     add, attention, attention_backward, gelu_backward, gelu_forward, last_rows, layernorm_backward,
-    layernorm_forward, linear, matmul_backward, matmul_backward_with, matmul_forward_with, max, sum, Compute,
+    layernorm_forward, linear, matmul_backward, matmul_backward_lhs, matmul_forward_with, max, sum, Compute,
     KvLayout, WeightRhs,
 };
 use super::{describe, flat_layout, split, split_mut, Block, ModelConfig, Params, Weights};
-use crate::kernels::PackedWeights;
+use crate::kernels::{Lhs, PackedWeights};
 use rayon::prelude::*;
 use std::ops::Range;
 
@@ -263,25 +263,28 @@ fn forward_sequences(
             );
             continue;
         }
-        // Fused softmax + cross-entropy; the logits become d(mean loss)/d(logits).
-        logits.par_chunks_mut(v).zip(losses.par_iter_mut()).zip(tgt.par_iter()).for_each(
-            |((x, loss), &target)| {
-                let m = max(x);
-                let target = target as usize;
-                let logit = x[target];
-                super::ops::exp_in_place(x, m, 1.0);
-                let total = sum(x);
-                let inv = 1.0 / total;
-                *loss = m + total.ln() - logit; // −log softmax, finite even when the target's probability underflows
-                for y in x.iter_mut() {
-                    *y *= inv * inv_n;
-                }
-                x[target] -= inv_n;
-            },
-        );
+        // Fused softmax + cross-entropy; the logits become d(mean loss)/d(logits), prepared as
+        // the left operand of the head's two backward products as they are computed (in bf16:
+        // packed while still in cache).
+        let ce = |i: usize, x: &mut [f32], loss: &mut f32| {
+            let m = max(x);
+            let target = tgt[i] as usize;
+            let logit = x[target];
+            super::ops::exp_in_place(x, m, 1.0);
+            let total = sum(x);
+            let inv = 1.0 / total;
+            *loss = m + total.ln() - logit; // −log softmax, finite even when the target's probability underflows
+            for y in x.iter_mut() {
+                *y *= inv * inv_n;
+            }
+            x[target] -= inv_n;
+        };
+        let hb = cp.head_backward();
+        // SAFETY: the logits are not written again while d_logits is used (this iteration).
+        let d_logits = unsafe { Lhs::from_rows(hb.kernels, hb.precision, (rows, v), logits, losses, ce) };
         if let (Some(gw), Some(wte_back)) = (head_grad.as_deref_mut(), &wte_back) {
             let d_lnf = &mut a.d_c[r0 * c..(r0 + rows) * c];
-            matmul_backward_with(cp.head_backward(), (d_lnf, gw, None), logits, lnf, wte_back, rows);
+            matmul_backward_lhs(hb, (d_lnf, gw), &d_logits, lnf, wte_back, rows);
         }
     }
     a.losses.iter().map(|&x| x as f64).sum::<f64>() as f32 * inv_n

@@ -301,32 +301,13 @@ pub fn matmul_backward(
     ic: usize,
     oc: usize,
 ) {
-    matmul_backward_with(c, (dinp, dw, dbias), dout, inp, &WeightRhs::backward(c, w, oc, ic), n_rows)
-}
-
-/// [`matmul_backward`] with W prepared beforehand (its shape is W's; `c` is for d W's product).
-pub fn matmul_backward_with(
-    c: Compute,
-    (dinp, dw, dbias): (&mut [f32], &mut [f32], Option<&mut [f32]>),
-    dout: &[f32],
-    inp: &[f32],
-    w: &WeightRhs,
-    n_rows: usize,
-) {
-    let (oc, ic) = (w.oc, w.ic);
-    assert!(!w.forward, "matmul_backward: W prepared for the forward product");
-    assert!(dinp.len() == n_rows * ic && dw.len() == oc * ic, "matmul_backward shapes");
-    assert!(dout.len() == n_rows * oc && inp.len() == n_rows * ic, "matmul_backward shapes");
-    // SAFETY: as in matmul_forward_with; each destination is a separate buffer of the stated size;
-    // d out and inp outlive the prepared operands.
-    unsafe {
-        // d out is the left operand of both products (d inp = d out · W, d W += d outᵀ · inp):
-        // prepared (in bf16: packed both ways) once.
-        let d_out = Lhs::new(c.kernels, c.precision, Mat::row_major(dout.as_ptr(), oc), n_rows, oc, true);
-        d_out.matmul(false, &w.rhs, dinp.as_mut_ptr(), ic, false, 1.0, true);
-        let inp = Rhs::new(c.kernels, c.precision, Mat::row_major(inp.as_ptr(), ic), n_rows, ic, true);
-        d_out.matmul(true, &inp, dw.as_mut_ptr(), ic, true, 1.0, true);
-    }
+    assert!(dout.len() == n_rows * oc, "matmul_backward shapes");
+    // d out is the left operand of both products (d inp = d out · W, d W += d outᵀ · inp):
+    // prepared (in bf16: packed both ways) once.
+    // SAFETY: dout holds n_rows × oc floats and outlives the value.
+    let d_out =
+        unsafe { Lhs::new(c.kernels, c.precision, Mat::row_major(dout.as_ptr(), oc), n_rows, oc, true) };
+    matmul_backward_lhs(c, (dinp, dw), &d_out, inp, &WeightRhs::backward(c, w, oc, ic), n_rows);
     if let Some(db) = dbias {
         assert_eq!(db.len(), oc, "matmul_backward: bias gradient length");
         // Blocks of columns in parallel, each summed over the rows in order (so the same sums
@@ -339,6 +320,29 @@ pub fn matmul_backward_with(
                 }
             }
         });
+    }
+}
+
+/// d inp = d out · W (overwritten) and d W += d outᵀ · inp, d out (n_rows, oc) prepared
+/// beforehand ([`Lhs`], on `c`'s kernels and precision, as d W's product).
+pub fn matmul_backward_lhs(
+    c: Compute,
+    (dinp, dw): (&mut [f32], &mut [f32]),
+    d_out: &Lhs,
+    inp: &[f32],
+    w: &WeightRhs,
+    n_rows: usize,
+) {
+    let (oc, ic) = (w.oc, w.ic);
+    assert!(!w.forward, "matmul_backward: W prepared for the forward product");
+    assert!(dinp.len() == n_rows * ic && dw.len() == oc * ic, "matmul_backward shapes");
+    assert!(inp.len() == n_rows * ic && d_out.shape() == (n_rows, oc), "matmul_backward shapes");
+    // SAFETY: each destination is a separate buffer of the stated size; W (borrowed by `w`), d
+    // out's matrix (the caller's contract with Lhs) and inp outlive the products.
+    unsafe {
+        d_out.matmul(false, &w.rhs, dinp.as_mut_ptr(), ic, false, 1.0, true);
+        let inp = Rhs::new(c.kernels, c.precision, Mat::row_major(inp.as_ptr(), ic), n_rows, ic, true);
+        d_out.matmul(true, &inp, dw.as_mut_ptr(), ic, true, 1.0, true);
     }
 }
 
