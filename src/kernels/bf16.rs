@@ -4,7 +4,10 @@
 //! product runs as independent tasks over blocks of the output:
 //! - A (the m × k left operand) is packed row-major, k padded with zeros to a multiple of
 //!   [`K_ALIGN`], rows padded with zero rows to a multiple of [`ROW_ALIGN`]: one AMX A tile is
-//!   16 rows of 64 bytes, loaded straight from it with the row stride.
+//!   16 rows of 64 bytes, loaded straight from it with the row stride. For the `vdpbf16ps`
+//!   kernel, A may instead be in B's pair layout (below, tiles of 16 rows; [`PackedA`]'s
+//!   `tiled`): that is how the transpose of a row-major matrix packs without transposing
+//!   ([`pack_both`]).
 //! - B (k × n) is packed in tiles of 16 columns. Tile t is k_pad/2 rows of 16 dwords; dword j of
 //!   row r holds (B[2r][16t + j], B[2r+1][16t + j]), the even k in the low half: the "VNNI" pair
 //!   layout `tdpbf16ps` wants for its B tile (16 pair-rows of 64 bytes, 1 KiB) and `vdpbf16ps`

@@ -1,7 +1,7 @@
 //! CPU matrix-multiplication kernels for the hand-written training and sampling engine.
 //!
 //! Self-contained (it uses nothing else in this crate), so that the engine can switch to it in
-//! one place. Three things:
+//! one place. Four things:
 //!
 //! - [`Kernels`]: which fp32 kernel (AVX-512F, AVX2+FMA, portable) and which bf16 kernel (AMX,
 //!   AVX512_BF16, none) this CPU runs, detected once per process; [`Kernels::from_env`] lets the
@@ -9,6 +9,10 @@
 //! - [`matmul`]: dst (m × n) = [dst +] scale · lhs (m × k) · rhs (k × n) over strided operands
 //!   ([`Mat`]), in fp32 (the `gemm` crate's microkernels, instruction set chosen here) or in bf16
 //!   (inputs rounded to bf16 while packing, products summed in f32: AMX tiles or `vdpbf16ps`).
+//! - [`Rhs`] and [`Lhs`]: operands prepared once for several products: a right operand (the LM
+//!   head's weights, for each chunk of rows), and a left one for a product with it and one with
+//!   its transpose (a layer's d out, for d inp and d W), packed both ways in one pass, or as it is
+//!   computed ([`Lhs::from_rows`]: the cross-entropy's gradient, packed while still in cache).
 //! - [`PackedWeights`] and [`packed_matmul`]: few-row products (decoding) against a weight matrix
 //!   packed once, in f32 or bf16.
 //!
