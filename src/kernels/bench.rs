@@ -107,44 +107,31 @@ fn matmul_speed() {
     let (inp, dout, w) = (fill(bt * 4 * d, 1), fill(big, 2), fill(vocab * d, 3));
     let mut products = Vec::new();
     for (name, oc, ic, per_step) in linears {
+        let (inp_rows, dout_rows) = (Mat::row_major(inp.as_ptr(), ic), Mat::row_major(dout.as_ptr(), oc));
+        let product = |name: String, (m, n, k), lhs, rhs, accumulate, per_step, via_lhs| Product {
+            name,
+            m,
+            n,
+            k,
+            lhs,
+            rhs,
+            accumulate,
+            per_step,
+            via_lhs,
+        };
         // forward: out (bt × oc) = inp (bt × ic) · Wᵀ
-        products.push(Product {
-            name: format!("{name} fwd {bt}×{ic}·{ic}×{oc}"),
-            m: bt,
-            n: oc,
-            k: ic,
-            lhs: Mat::row_major(inp.as_ptr(), ic),
-            rhs: Mat::transposed(w.as_ptr(), ic),
-            accumulate: false,
-            per_step,
-            via_lhs: false,
-        });
+        let (name_f, wt) = (format!("{name} fwd {bt}×{ic}·{ic}×{oc}"), Mat::transposed(w.as_ptr(), ic));
+        products.push(product(name_f, (bt, oc, ic), inp_rows, wt, false, per_step, false));
         // dinp (bt × ic) = dout (bt × oc) · W (oc × ic)
-        products.push(Product {
-            name: format!("{name} dinp {bt}×{oc}·{oc}×{ic}"),
-            m: bt,
-            n: ic,
-            k: oc,
-            lhs: Mat::row_major(dout.as_ptr(), oc),
-            rhs: Mat::row_major(w.as_ptr(), ic),
-            accumulate: false,
-            per_step,
-            via_lhs: false,
-        });
+        let (name_d, w_rows) = (format!("{name} dinp {bt}×{oc}·{oc}×{ic}"), Mat::row_major(w.as_ptr(), ic));
+        products.push(product(name_d, (bt, ic, oc), dout_rows, w_rows, false, per_step, false));
         // dW (oc × ic) += doutᵀ (oc × bt) · inp (bt × ic): as the engine runs it (through Lhs),
         // and through `matmul` on the transposed view (not counted in the step).
         for via_lhs in [true, false] {
-            products.push(Product {
-                name: format!("{name} dW{} {oc}×{bt}·{bt}×{ic}", if via_lhs { "" } else { " (matmul)" }),
-                m: oc,
-                n: ic,
-                k: bt,
-                lhs: Mat::transposed(dout.as_ptr(), oc),
-                rhs: Mat::row_major(inp.as_ptr(), ic),
-                accumulate: true,
-                per_step: if via_lhs { per_step } else { 0 },
-                via_lhs,
-            });
+            let name_w = format!("{name} dW{} {oc}×{bt}·{bt}×{ic}", if via_lhs { "" } else { " (matmul)" });
+            let dout_t = Mat::transposed(dout.as_ptr(), oc);
+            let steps = if via_lhs { per_step } else { 0 };
+            products.push(product(name_w, (oc, ic, bt), dout_t, inp_rows, true, steps, via_lhs));
         }
     }
     let mut dst = vec![0f32; big];

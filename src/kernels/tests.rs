@@ -159,23 +159,42 @@ fn inputs(c: &Case, rng: &mut Rng, small: bool) -> Inputs {
 
 /// Runs `matmul` on a copy of the case's dst.
 fn run(kernels: Kernels, precision: Precision, c: &Case, x: &Inputs, parallel: bool) -> Vec<f32> {
-    let mut dst = x.dst.clone();
+    let shape = (c.m, c.n, c.k);
     // SAFETY: the operands hold m × k and k × n at their strides; dst holds m rows of dst_row ≥ n.
     unsafe {
-        matmul(
+        product(
             kernels,
             precision,
-            c.m,
-            c.n,
-            c.k,
-            dst.as_mut_ptr(),
-            x.dst_row,
-            c.accumulate,
+            shape,
+            (&x.dst, x.dst_row, c.accumulate),
             x.a.mat(),
             x.b.mat(),
             c.scale,
             parallel,
         )
+    }
+}
+
+/// `matmul` of (m, n, k) on a copy of `dst` (rows `dst_row` apart; added to when accumulating).
+///
+/// # Safety
+/// As [`matmul`], dst holding m rows of dst_row ≥ n.
+#[allow(clippy::too_many_arguments)]
+unsafe fn product(
+    kernels: Kernels,
+    precision: Precision,
+    (m, n, k): (usize, usize, usize),
+    (dst, dst_row, accumulate): (&[f32], usize, bool),
+    lhs: Mat,
+    rhs: Mat,
+    scale: f32,
+    parallel: bool,
+) -> Vec<f32> {
+    assert!(dst.len() >= m * dst_row);
+    let mut dst = dst.to_vec();
+    // SAFETY: the caller's contract; dst is a copy of m rows of dst_row.
+    unsafe {
+        matmul(kernels, precision, m, n, k, dst.as_mut_ptr(), dst_row, accumulate, lhs, rhs, scale, parallel)
     };
     dst
 }
@@ -468,100 +487,82 @@ fn lhs_packed_both_ways_gives_the_bits_of_matmul() {
         let dst2: Vec<f32> =
             (0..c.k * x.dst_row).map(|i| if i % x.dst_row < c.n { rng.f32() } else { 1234.5 }).collect();
         for &(kernels, precision) in &paths {
-            let want = run(kernels, precision, &c, &x, true);
-            let mut want2 = dst2.clone();
-            let mt = Mat { ptr: x.a.buf.as_ptr(), row: 1, col: x.a.row };
-            let (mut got, mut got2) = (x.dst.clone(), dst2.clone());
-            // SAFETY: as in `run`: M is m × k at its strides, the right operands k × n and m × n,
-            // dst m (and dst2 k) rows of dst_row ≥ n.
-            unsafe {
-                matmul(
-                    kernels,
-                    precision,
-                    c.k,
-                    c.n,
-                    c.m,
-                    want2.as_mut_ptr(),
-                    x.dst_row,
-                    c.accumulate,
-                    mt,
-                    b2.mat(),
-                    c.scale,
-                    true,
-                );
-                let lhs = Lhs::new(kernels, precision, x.a.mat(), c.m, c.k, true);
-                let rhs = Rhs::new(kernels, precision, x.b.mat(), c.k, c.n, true);
-                lhs.matmul(false, &rhs, got.as_mut_ptr(), x.dst_row, c.accumulate, c.scale, true);
-                let rhs2 = Rhs::new(kernels, precision, b2.mat(), c.m, c.n, true);
-                lhs.matmul(true, &rhs2, got2.as_mut_ptr(), x.dst_row, c.accumulate, c.scale, true);
-            }
-            // The same M computed row by row into a buffer of its own (`Lhs::from_rows`, which
-            // packs each group of rows as it is done): the same products.
-            let (mut buf, mut outs) = (vec![f32::NAN; c.m * c.k], vec![f32::NAN; c.m]);
-            let (mut from_rows, mut from_rows2) = (x.dst.clone(), dst2.clone());
-            // SAFETY: as above; buf is m × k and is not written while the Lhs lives.
-            unsafe {
-                let row = |i: usize, r: &mut [f32], o: &mut f32| {
-                    r.iter_mut().enumerate().for_each(|(p, v)| *v = x.a.at(i, p));
-                    *o = i as f32;
-                };
-                let lhs = Lhs::from_rows(kernels, precision, (c.m, c.k), &mut buf, &mut outs, row);
-                let rhs = Rhs::new(kernels, precision, x.b.mat(), c.k, c.n, true);
-                lhs.matmul(false, &rhs, from_rows.as_mut_ptr(), x.dst_row, c.accumulate, c.scale, true);
-                let rhs2 = Rhs::new(kernels, precision, b2.mat(), c.m, c.n, true);
-                lhs.matmul(true, &rhs2, from_rows2.as_mut_ptr(), x.dst_row, c.accumulate, c.scale, true);
-            }
             let what = format!("{precision:?} {}: {c:?}", kernels.describe());
+            // M · B and Mᵀ · B2 by `matmul` on M (given at `m_at`, rows `row` apart), and through
+            // `lhs`, each on a copy of its dst.
+            let plain = |m_at: *const f32, row: usize| {
+                let (a, at) = (Mat::row_major(m_at, row), Mat::transposed(m_at, row));
+                let (s, acc) = (c.scale, c.accumulate);
+                // SAFETY: M is m × k at (row, 1), its transpose k × m at (1, row); the right
+                // operands k × n and m × n; dst m (dst2 k) rows of dst_row ≥ n.
+                unsafe {
+                    let d = product(
+                        kernels,
+                        precision,
+                        (c.m, c.n, c.k),
+                        (&x.dst, x.dst_row, acc),
+                        a,
+                        x.b.mat(),
+                        s,
+                        true,
+                    );
+                    let d2 = product(
+                        kernels,
+                        precision,
+                        (c.k, c.n, c.m),
+                        (&dst2, x.dst_row, acc),
+                        at,
+                        b2.mat(),
+                        s,
+                        true,
+                    );
+                    (bits(&d), bits(&d2))
+                }
+            };
+            let through = |lhs: &Lhs| {
+                let (mut d, mut d2) = (x.dst.clone(), dst2.clone());
+                // SAFETY: as in `plain`; M outlives `lhs` (the callers' buffers).
+                unsafe {
+                    let (rhs, rhs2) = (
+                        Rhs::new(kernels, precision, x.b.mat(), c.k, c.n, true),
+                        Rhs::new(kernels, precision, b2.mat(), c.m, c.n, true),
+                    );
+                    lhs.matmul(false, &rhs, d.as_mut_ptr(), x.dst_row, c.accumulate, c.scale, true);
+                    lhs.matmul(true, &rhs2, d2.as_mut_ptr(), x.dst_row, c.accumulate, c.scale, true);
+                }
+                (bits(&d), bits(&d2))
+            };
+            // M given.
+            // SAFETY: x.a holds m × k with rows x.a.row apart.
+            let got = through(&unsafe { Lhs::new(kernels, precision, x.a.mat(), c.m, c.k, true) });
+            let want = plain(x.a.buf.as_ptr(), x.a.row);
+            if c.m > 0 && c.n > 0 && c.k > 0 {
+                assert_ne!(got.0, bits(&x.dst), "{what} wrote nothing");
+                assert_ne!(got.1, bits(&dst2), "{what} (transposed) wrote nothing");
+            }
+            assert_eq!(got.0, want.0, "{what}");
+            assert_eq!(got.1, want.1, "{what} (transposed)");
+            // The same M computed row by row into a buffer of its own (`Lhs::from_rows`, which
+            // packs each group of rows as it is done), against matmul on that buffer (its rows k
+            // apart: the fp32 kernels' order of summing may depend on the strides).
+            let (mut buf, mut outs) = (vec![f32::NAN; c.m * c.k], vec![f32::NAN; c.m]);
+            let row = |i: usize, r: &mut [f32], o: &mut f32| {
+                r.iter_mut().enumerate().for_each(|(p, v)| *v = x.a.at(i, p));
+                *o = i as f32;
+            };
+            // SAFETY: buf is not written while the Lhs lives.
+            let lhs = unsafe { Lhs::from_rows(kernels, precision, (c.m, c.k), &mut buf, &mut outs, row) };
+            let got = through(&lhs);
+            drop(lhs);
             if c.k > 0 {
                 assert!(outs.iter().enumerate().all(|(i, &o)| o == i as f32), "{what}: from_rows outputs");
-                assert!(buf
-                    .iter()
-                    .enumerate()
-                    .all(|(j, &v)| v.to_bits() == x.a.at(j / c.k, j % c.k).to_bits()));
+                let same =
+                    buf.iter().enumerate().all(|(j, &v)| v.to_bits() == x.a.at(j / c.k, j % c.k).to_bits());
+                assert!(same, "{what}: from_rows rows");
             }
-            // Against matmul on buf itself (its rows k apart: the fp32 kernels' order of summing
-            // may depend on the strides).
-            let (mut want3, mut want4) = (x.dst.clone(), dst2.clone());
-            let (m_buf, mt_buf) = (Mat::row_major(buf.as_ptr(), c.k), Mat::transposed(buf.as_ptr(), c.k));
-            // SAFETY: buf holds m × k; the rest as above.
-            unsafe {
-                matmul(
-                    kernels,
-                    precision,
-                    c.m,
-                    c.n,
-                    c.k,
-                    want3.as_mut_ptr(),
-                    x.dst_row,
-                    c.accumulate,
-                    m_buf,
-                    x.b.mat(),
-                    c.scale,
-                    true,
-                );
-                matmul(
-                    kernels,
-                    precision,
-                    c.k,
-                    c.n,
-                    c.m,
-                    want4.as_mut_ptr(),
-                    x.dst_row,
-                    c.accumulate,
-                    mt_buf,
-                    b2.mat(),
-                    c.scale,
-                    true,
-                );
-            }
-            assert_eq!(bits(&from_rows), bits(&want3), "{what} (from_rows)");
-            assert_eq!(bits(&from_rows2), bits(&want4), "{what} (from_rows, transposed)");
-            if c.m > 0 && c.n > 0 && c.k > 0 {
-                assert_ne!(bits(&got), bits(&x.dst), "{what} wrote nothing");
-                assert_ne!(bits(&got2), bits(&dst2), "{what} (transposed) wrote nothing");
-            }
-            assert_eq!(bits(&got), bits(&want), "{what}");
-            assert_eq!(bits(&got2), bits(&want2), "{what} (transposed)");
+            let want = plain(buf.as_ptr(), c.k);
+            assert_eq!(got.0, want.0, "{what} (from_rows)");
+            assert_eq!(got.1, want.1, "{what} (from_rows, transposed)");
         }
     }
     for (kernels, precision) in paths {
