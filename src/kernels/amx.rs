@@ -169,7 +169,7 @@ struct Block32([f32; 32 * 32]);
 /// the step, block, dst and bias describe valid memory, the block of dst being the caller's.
 #[target_feature(enable = "avx512f")]
 pub(super) unsafe fn step(s: &Step, blk: &Block, dst: *mut f32, dst_row: usize, e: &Epilogue) {
-    assert!(!s.a_tiled, "AMX tiles take A row-major");
+    debug_assert!(!s.a_tiled, "AMX tiles take A row-major");
     let mut tmp = std::mem::MaybeUninit::<Block32>::uninit();
     let tmp = tmp.as_mut_ptr().cast::<f32>();
     let cols = [blk.cols.min(16), blk.cols.saturating_sub(16)];

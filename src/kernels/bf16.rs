@@ -1,7 +1,8 @@
 //! bf16 products: operands rounded to bf16 while they are packed, exact products summed in f32.
 //!
-//! Both operands are packed once per product into 64-byte-aligned buffers (in parallel), then the
-//! product runs as independent tasks over blocks of the output:
+//! Both operands are packed into 64-byte-aligned buffers (in parallel; once per product, or once
+//! for several through `super::Rhs` and `super::Lhs`), then the product runs as independent tasks
+//! over blocks of the output:
 //! - A (the m × k left operand) is packed row-major, k padded with zeros to a multiple of
 //!   [`K_ALIGN`], rows padded with zero rows to a multiple of [`ROW_ALIGN`]: one AMX A tile is
 //!   16 rows of 64 bytes, loaded straight from it with the row stride. For the `vdpbf16ps`
@@ -38,6 +39,9 @@ pub(super) const ROW_ALIGN: usize = 32;
 pub(super) const KC: usize = 512;
 /// Columns per task block (and per scratch block): 8 pairs of B tiles.
 const NC: usize = 256;
+
+// pack_pair_rows lays out B's pair layout and the tiled A with one routine: the paddings agree.
+const _: () = assert!(K_ALIGN == N_ALIGN && N_ALIGN == ROW_ALIGN && TILE_N == 16);
 
 /// Rounds an f32 to bf16 (the high 16 bits of an f32) as `vcvtne2ps2bf16` does: to nearest, ties
 /// to even; a NaN stays a (quiet) NaN; infinities stay infinite; finite values past the largest
@@ -299,8 +303,10 @@ unsafe fn pack_both_on(
 
 /// M (m × k, rows contiguous) rounded to bf16 into `pairs_out`, B's pair layout of M (k_pad/16
 /// tiles of m_pad/2 pair-rows; the padding zero), and into `rows_out` row-major (m_pad × k_pad)
-/// when given, in one pass: 32 rows of M at a time (group g: rows 32g.., each after `before(g)`
-/// if it has real rows), spread over rayon's threads when `parallel`.
+/// when given, in one pass: 32 rows of M at a time (group g: rows 32g.., each after `before(g)`;
+/// every group has real rows), spread over rayon's threads when `parallel`. B packed this way has
+/// its k padded to [`ROW_ALIGN`] and its n to [`K_ALIGN`], which are [`PackedB`]'s [`K_ALIGN`] and
+/// [`N_ALIGN`]: all four are 32.
 ///
 /// # Safety
 /// M readable on m × k with `mat.col == 1` (a group once `before` has run for it); the CPU has
@@ -319,9 +325,7 @@ unsafe fn pack_pair_rows(
     assert_eq!(mat.col, 1, "pack_pair_rows: rows must be contiguous");
     let (m_pad, k_pad) = (m.next_multiple_of(ROW_ALIGN), k.next_multiple_of(K_ALIGN));
     let work = |g: usize| {
-        if g * ROW_ALIGN < m {
-            before(g);
-        }
+        before(g);
         // SAFETY: rows g·32.. of the row-major buffer and pair-rows g·16.. of every tile are
         // this unit's alone; M is readable on m × k (contract).
         unsafe {
@@ -412,8 +416,9 @@ impl PackedB {
         }
         let tile_len = k_pad * TILE_N;
         let tiles = n_pad / TILE_N;
-        // Units of work: one tile; when rhs is row-major, as many (up to 32) as still give each
-        // thread two units, so that each row (often a page of its own) is read for many tiles.
+        // (Here without the AVX-512 packing, or rhs not row-major.) Units of work: one tile; when
+        // rhs is row-major, as many (up to 32) as still give each thread two units, so that each
+        // row (often a page of its own) is read for many tiles.
         let threads = if parallel { rayon::current_num_threads().max(1) } else { 1 };
         let unit = if rhs.col == 1 { (tiles / (2 * threads)).clamp(1, 32) } else { 1 };
         let fill = |out: *mut u16| {

@@ -159,7 +159,7 @@ impl Rhs {
 /// A left operand M (m × k, rows contiguous) prepared once for a product with M on the left and
 /// one with Mᵀ on the left: the two products of a layer's backward that share d out (d inp =
 /// d out · W, d W += d outᵀ · inp). On the `vdpbf16ps` kernel in bf16 both are packed here in one
-/// pass ([`bf16::pack_both`]), Mᵀ without transposing; otherwise it is the matrix itself. A
+/// pass (`bf16::pack_both`), Mᵀ without transposing; otherwise it is the matrix itself. A
 /// product through it gives the bits of [`matmul`] on the matrix (or its transposed view).
 pub struct Lhs {
     mat: Mat,
@@ -243,10 +243,13 @@ impl Lhs {
             return Lhs { mat, m, k, packed: Some((rows, pairs, kernels, precision)) };
         }
         let _ = dp;
-        let mat = Mat::row_major(buf.as_ptr(), k);
         if k > 0 {
             buf.par_chunks_mut(k).zip(out.par_iter_mut()).enumerate().for_each(|(i, (x, o))| row(i, x, o));
+        } else {
+            out.par_iter_mut().enumerate().for_each(|(i, o)| row(i, &mut [], o));
         }
+        // Taken after the rows are written, so that the pointer is the latest borrow of buf.
+        let mat = Mat::row_major(buf.as_ptr(), k);
         // SAFETY: buf holds m × k (checked) and stays valid (contract).
         unsafe { Lhs::new(kernels, precision, mat, m, k, true) }
     }

@@ -480,7 +480,17 @@ fn lhs_packed_both_ways_gives_the_bits_of_matmul() {
     let mut rng = Rng(0x1B5_0002);
     let paths = every_path();
     let bits = |v: &[f32]| v.iter().map(|x| x.to_bits()).collect::<Vec<_>>();
-    for c in cases().into_iter().filter(|c| matches!(c.lhs, Layout::RowMajor)) {
+    // Plus an M of more than 512 rows: Mᵀ's k then runs over several of the kernels' chunks of k.
+    let tall = Case {
+        m: 1100,
+        n: 33,
+        k: 70,
+        lhs: Layout::RowMajor,
+        rhs: Layout::RowMajor,
+        accumulate: true,
+        scale: 0.5,
+    };
+    for c in cases().into_iter().filter(|c| matches!(c.lhs, Layout::RowMajor)).chain([tall]) {
         let x = inputs(&c, &mut rng, false);
         // Mᵀ (k × m) times a second right operand (m × n), into a k × n dst.
         let b2 = Operand::new(c.m, c.n, c.rhs, &mut || rng.f32());
@@ -696,6 +706,25 @@ fn avx512_packing_matches_scalar() {
                 )
             };
             assert_eq!(fast.data.as_slice(), slow.data.as_slice(), "pack_b {k} × {n}");
+        }
+        // Both layouts at once (row-major M only): M as A, and Mᵀ as A in B's pair layout, which
+        // is B's packing of M itself.
+        if mat.col == 1 {
+            for parallel in [false, true] {
+                // SAFETY: as above.
+                let ((a, at), (want_a, want_at)) = unsafe {
+                    (
+                        super::bf16::pack_both(mat, rows, c, parallel),
+                        (
+                            super::bf16::PackedA::new(mat, rows, c, false, false),
+                            super::bf16::PackedB::new(mat, rows, c, false, false),
+                        ),
+                    )
+                };
+                assert_eq!(a.data.as_slice(), want_a.data.as_slice(), "pack_both rows");
+                assert_eq!(at.data.as_slice(), want_at.data.as_slice(), "pack_both pairs");
+                assert!(!a.tiled && at.tiled && (a.m, at.m, at.k_pad) == (rows, c, want_at.k_pad));
+            }
         }
     }
 }
