@@ -185,7 +185,7 @@ impl Lhs {
         parallel: bool,
     ) -> Lhs {
         assert_eq!(mat.col, 1, "Lhs: rows must be contiguous");
-        let dp = precision == Precision::Bf16 && kernels.bf16() == Some(Bf16Kernel::Avx512Bf16);
+        let dp = Lhs::packs(kernels, precision);
         #[cfg(target_arch = "x86_64")]
         // SAFETY: the contract; the vdpbf16ps kernel implies AVX512_BF16 and AVX-512F/BW.
         let packed = dp.then(|| {
@@ -218,7 +218,7 @@ impl Lhs {
         row: impl Fn(usize, &mut [f32], &mut f32) + Sync,
     ) -> Lhs {
         assert!(buf.len() == m * k && out.len() == m, "Lhs::from_rows: buffers of another shape");
-        let dp = precision == Precision::Bf16 && kernels.bf16() == Some(Bf16Kernel::Avx512Bf16);
+        let dp = Lhs::packs(kernels, precision);
         #[cfg(target_arch = "x86_64")]
         if dp && k > 0 {
             let (bufp, outp) = (bf16::SharedPtr(buf.as_mut_ptr()), bf16::SharedPtr(out.as_mut_ptr()));
@@ -252,6 +252,12 @@ impl Lhs {
         let mat = Mat::row_major(buf.as_ptr(), k);
         // SAFETY: buf holds m × k (checked) and stays valid (contract).
         unsafe { Lhs::new(kernels, precision, mat, m, k, true) }
+    }
+
+    /// Whether M is packed (both ways) here: bf16 on the `vdpbf16ps` kernel, the one that reads
+    /// A in B's pair layout.
+    fn packs(kernels: Kernels, precision: Precision) -> bool {
+        precision == Precision::Bf16 && kernels.bf16() == Some(Bf16Kernel::Avx512Bf16)
     }
 
     /// M's shape, (m, k).
