@@ -252,29 +252,14 @@ pub(super) unsafe fn pack_both(mat: Mat, m: usize, k: usize, parallel: bool) -> 
     unsafe { pack_both_on(mat, m, k, parallel, |_| ()) }
 }
 
-/// [`pack_both`] of a matrix computed 32 rows at a time (group g: rows 32g..) by `before(g)`,
-/// on rayon's threads, each group packed right after it is computed.
+/// [`pack_both`] of a matrix computed 32 rows at a time: group g (rows 32g..) by `before(g)`,
+/// run just before the group is packed, on the thread that packs it.
 ///
 /// # Safety
 /// As [`pack_both`], M being readable once `before` has run for the group; `before(g)` writes
 /// only group g's rows.
 #[cfg(target_arch = "x86_64")]
-pub(super) unsafe fn pack_both_after(
-    mat: Mat,
-    m: usize,
-    k: usize,
-    before: impl Fn(usize) + Sync,
-) -> (PackedA, PackedA) {
-    // SAFETY: forwarded.
-    unsafe { pack_both_on(mat, m, k, true, before) }
-}
-
-/// [`pack_both`] with `before(g)` run just before group g is packed.
-///
-/// # Safety
-/// As [`pack_both_after`].
-#[cfg(target_arch = "x86_64")]
-unsafe fn pack_both_on(
+pub(super) unsafe fn pack_both_on(
     mat: Mat,
     m: usize,
     k: usize,

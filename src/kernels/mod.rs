@@ -239,7 +239,7 @@ impl Lhs {
             };
             // SAFETY: each group's rows are computed before the group is packed, and buf is not
             // written again (contract); the vdpbf16ps kernel implies AVX512_BF16.
-            let (rows, pairs) = unsafe { bf16::pack_both_after(mat, m, k, group) };
+            let (rows, pairs) = unsafe { bf16::pack_both_on(mat, m, k, true, group) };
             return Lhs { mat, m, k, packed: Some((rows, pairs, kernels, precision)) };
         }
         let _ = dp;
