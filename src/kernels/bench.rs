@@ -178,7 +178,7 @@ fn matmul_speed() {
                             true,
                         );
                         let rhs = Rhs::new(kernels, precision, p.rhs, p.k, p.n, true);
-                        lhs.matmul(true, &rhs, dst, p.n, p.accumulate, 1.0, true);
+                        lhs.matmul(true, &rhs, dst, p.n, p.accumulate, 1.0, None, true);
                     } else {
                         matmul(
                             kernels,

@@ -379,6 +379,13 @@ impl PackedB {
         self.data.as_slice()[t * self.tile_len() + 2 * TILE_N * p..].as_ptr()
     }
 
+    /// B = M (k × n) from [`pack_both`]'s `tiled` packing of Mᵀ, which is B's pair layout of M:
+    /// the same buffer, taken as it is; k is M's real rows.
+    pub(super) fn from_tiled(at: PackedA, k: usize) -> PackedB {
+        assert!(at.tiled && k <= at.k_pad, "PackedB::from_tiled: not the pair layout of a k-row matrix");
+        PackedB { data: at.data, k, n: at.m, k_pad: at.k_pad }
+    }
+
     /// rhs (k × n) rounded to bf16 and packed; the tiles are split between rayon's threads when
     /// `parallel`. Uses the AVX-512 packing when `hw`, else plain Rust (same result).
     ///

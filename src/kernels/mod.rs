@@ -136,6 +136,11 @@ pub struct Rhs {
 }
 
 impl Rhs {
+    /// B's shape, (k, n).
+    pub fn shape(&self) -> (usize, usize) {
+        (self.k, self.n)
+    }
+
     /// `mat` (k × n) for products on `kernels` in `precision`; packed in parallel when `parallel`.
     ///
     /// # Safety
@@ -265,8 +270,18 @@ impl Lhs {
         (self.m, self.k)
     }
 
-    /// dst = [dst +] scale · op(M) · rhs, op(M) being M (m × k) or, when `transposed`, Mᵀ (k × m),
-    /// as [`matmul_rhs`] without a bias.
+    /// M as the right operand of a product X · M (k = M's m rows, n = its k columns) in the pair
+    /// layout already packed here, when M is packed: the forward pass packs a layer's input
+    /// once for its product and for the backward's d W = d outᵀ · input. None when nothing is
+    /// packed here (then [`Rhs::new`] prepares M as usual).
+    pub fn into_rhs(self) -> Option<Rhs> {
+        let (_, pairs, kernels, precision) = self.packed?;
+        let b = bf16::PackedB::from_tiled(pairs, self.m);
+        Some(Rhs { kernels, precision, mat: self.mat, k: self.m, n: self.k, packed: Some(b) })
+    }
+
+    /// dst = [dst +] scale · op(M) · rhs [+ bias], op(M) being M (m × k) or, when `transposed`,
+    /// Mᵀ (k × m), as [`matmul_rhs`].
     ///
     /// # Safety
     /// As [`matmul_rhs`]: dst holds op(M)'s rows × rhs's n at `dst_row`, overlapping neither
@@ -280,10 +295,15 @@ impl Lhs {
         dst_row: usize,
         accumulate: bool,
         scale: f32,
+        bias: Option<&[f32]>,
         parallel: bool,
     ) {
         let (rows, cols) = if transposed { (self.k, self.m) } else { (self.m, self.k) };
         assert_eq!(rhs.k, cols, "Lhs::matmul: operands of different k");
+        assert!(
+            bias.is_none_or(|b| b.len() == rhs.n && scale == 1.0 && !accumulate),
+            "a bias needs n floats, scale 1 and no accumulation"
+        );
         if rows == 0 || rhs.n == 0 {
             return;
         }
@@ -293,7 +313,11 @@ impl Lhs {
                 let out = bf16::Out {
                     dst: bf16::SharedPtr(dst),
                     dst_row,
-                    e: bf16::Epilogue { scale, accumulate, bias: std::ptr::null() },
+                    e: bf16::Epilogue {
+                        scale,
+                        accumulate,
+                        bias: bias.map_or(std::ptr::null(), |b| b.as_ptr()),
+                    },
                 };
                 // SAFETY: the operands pack op(M) and rhs for the same k (checked); dst is the
                 // caller's (contract); the kernel was detected on this CPU.
@@ -315,7 +339,7 @@ impl Lhs {
             self.mat
         };
         // SAFETY: forwarded; lhs reads M (or its transpose) inside its shape.
-        unsafe { matmul_rhs(rows, dst, dst_row, accumulate, lhs, rhs, scale, None, parallel) }
+        unsafe { matmul_rhs(rows, dst, dst_row, accumulate, lhs, rhs, scale, bias, parallel) }
     }
 }
 

@@ -537,8 +537,8 @@ fn lhs_packed_both_ways_gives_the_bits_of_matmul() {
                         Rhs::new(kernels, precision, x.b.mat(), c.k, c.n, true),
                         Rhs::new(kernels, precision, b2.mat(), c.m, c.n, true),
                     );
-                    lhs.matmul(false, &rhs, d.as_mut_ptr(), x.dst_row, c.accumulate, c.scale, true);
-                    lhs.matmul(true, &rhs2, d2.as_mut_ptr(), x.dst_row, c.accumulate, c.scale, true);
+                    lhs.matmul(false, &rhs, d.as_mut_ptr(), x.dst_row, c.accumulate, c.scale, None, true);
+                    lhs.matmul(true, &rhs2, d2.as_mut_ptr(), x.dst_row, c.accumulate, c.scale, None, true);
                 }
                 (bits(&d), bits(&d2))
             };
@@ -552,6 +552,59 @@ fn lhs_packed_both_ways_gives_the_bits_of_matmul() {
             }
             assert_eq!(got.0, want.0, "{what}");
             assert_eq!(got.1, want.1, "{what} (transposed)");
+            if c.m > 0 && c.n > 0 && c.k > 0 {
+                // With a bias (the forward product's epilogue): as matmul_rhs gives it.
+                let bias: Vec<f32> = (0..c.n).map(|j| j as f32 * 0.25 - 1.0).collect();
+                let (mut got, mut want) = (x.dst.clone(), x.dst.clone());
+                // SAFETY: as in `through`; the bias holds n floats.
+                unsafe {
+                    let rhs = Rhs::new(kernels, precision, x.b.mat(), c.k, c.n, true);
+                    let lhs = Lhs::new(kernels, precision, x.a.mat(), c.m, c.k, true);
+                    lhs.matmul(false, &rhs, got.as_mut_ptr(), x.dst_row, false, 1.0, Some(&bias), true);
+                    matmul_rhs(
+                        c.m,
+                        want.as_mut_ptr(),
+                        x.dst_row,
+                        false,
+                        x.a.mat(),
+                        &rhs,
+                        1.0,
+                        Some(&bias),
+                        true,
+                    );
+                }
+                assert_eq!(bits(&got), bits(&want), "{what} (with a bias)");
+                // M kept as the right operand of X · M (`Lhs::into_rhs`: the pair layout packed
+                // with it), against matmul with M on the right; X = B2ᵀ (n × m), dst n × k.
+                // SAFETY: x.a holds m × k; B2ᵀ is n × m through the transposed view of B2.
+                let lhs = unsafe { Lhs::new(kernels, precision, x.a.mat(), c.m, c.k, true) };
+                let b2m = b2.mat();
+                let xt = Mat { ptr: b2m.ptr, row: b2m.col, col: b2m.row };
+                let packs = precision == Precision::Bf16 && kernels.bf16() == Some(Bf16Kernel::Avx512Bf16);
+                match lhs.into_rhs() {
+                    Some(kept) => {
+                        assert_eq!(kept.shape(), (c.m, c.k), "{what}: kept shape");
+                        let zeros = vec![0f32; c.n * c.k];
+                        let mut got = zeros.clone();
+                        // SAFETY: X is n × m, the kept M m × k (packed), dst n × k.
+                        let want = unsafe {
+                            matmul_rhs(c.n, got.as_mut_ptr(), c.k, false, xt, &kept, 1.0, None, true);
+                            product(
+                                kernels,
+                                precision,
+                                (c.n, c.k, c.m),
+                                (&zeros, c.k, false),
+                                xt,
+                                x.a.mat(),
+                                1.0,
+                                true,
+                            )
+                        };
+                        assert_eq!(bits(&got), bits(&want), "{what} (M kept as a right operand)");
+                    }
+                    None => assert!(!packs, "{what}: packed both ways, but nothing kept"),
+                }
+            }
             // The same M computed row by row into a buffer of its own (`Lhs::from_rows`, which
             // packs each group of rows as it is done), against matmul on that buffer (its rows k
             // apart: the fp32 kernels' order of summing may depend on the strides).

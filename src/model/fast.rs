@@ -14,33 +14,39 @@
 
 use super::ops::{
     add, attention, attention_backward, gelu_backward, gelu_forward, last_rows, layernorm_backward,
-    layernorm_forward, linear, matmul_backward, matmul_backward_lhs, matmul_forward_with, max, sum, Compute,
+    layernorm_forward, linear, matmul_backward, matmul_backward_lhs, matmul_forward_with, max, Compute,
     KvLayout, WeightRhs,
 };
 use super::{describe, flat_layout, split, split_mut, Block, ModelConfig, Params, Weights};
-use crate::kernels::{Lhs, PackedWeights};
+use crate::kernels::{Lhs, PackedWeights, Rhs};
 use rayon::prelude::*;
 use std::ops::Range;
 
-/// ln_1 and the q|k|v projection of a block's rows.
+/// ln_1 and the q|k|v projection of a block's rows. A `_rhs` field is its activation as the
+/// right operand of the backward's d W product, kept from the forward product when training
+/// packs it there (bf16 on `vdpbf16ps`), else None.
 struct QkvActs {
-    ln1: Vec<f32>,      // (BT, C)
-    ln1_mean: Vec<f32>, // (BT)
-    ln1_rstd: Vec<f32>, // (BT)
-    qkv: Vec<f32>,      // (BT, 3C)
+    ln1: Vec<f32>,        // (BT, C)
+    ln1_mean: Vec<f32>,   // (BT)
+    ln1_rstd: Vec<f32>,   // (BT)
+    ln1_rhs: Option<Rhs>, // ln1 for d c_attn.weight
+    qkv: Vec<f32>,        // (BT, 3C)
 }
 
 /// The rest of a block: attention, projection, residual, ln_2, MLP, residual.
 struct RestActs {
-    att: Vec<f32>,      // (B, H, T, T) softmax probabilities, zero above the diagonal (training only)
-    atty: Vec<f32>,     // (BT, C) attention output before the projection
-    res2: Vec<f32>,     // (BT, C) residual after attention
-    ln2: Vec<f32>,      // (BT, C)
+    att: Vec<f32>,  // (B, H, T, T) softmax probabilities, zero above the diagonal (training only)
+    atty: Vec<f32>, // (BT, C) attention output before the projection
+    atty_rhs: Option<Rhs>, // atty for d attn.c_proj.weight
+    res2: Vec<f32>, // (BT, C) residual after attention
+    ln2: Vec<f32>,  // (BT, C)
     ln2_mean: Vec<f32>, // (BT)
     ln2_rstd: Vec<f32>, // (BT)
-    fch: Vec<f32>,      // (BT, 4C) before GELU
+    ln2_rhs: Option<Rhs>, // ln2 for d c_fc.weight
+    fch: Vec<f32>,  // (BT, 4C) before GELU
     fch_gelu: Vec<f32>, // (BT, 4C)
-    res3: Vec<f32>,     // (BT, C) residual after the MLP: the block's output
+    fch_gelu_rhs: Option<Rhs>, // fch_gelu for d mlp.c_proj.weight
+    res3: Vec<f32>, // (BT, C) residual after the MLP: the block's output
 }
 
 /// One block's activations for `n` rows; `probs` floats of attention probabilities (0 when they
@@ -54,16 +60,19 @@ impl LayerActs {
     fn new(n: usize, c: usize, probs: usize) -> Self {
         let z = |len: usize| vec![0f32; len];
         Self {
-            q: QkvActs { ln1: z(n * c), ln1_mean: z(n), ln1_rstd: z(n), qkv: z(n * 3 * c) },
+            q: QkvActs { ln1: z(n * c), ln1_mean: z(n), ln1_rstd: z(n), ln1_rhs: None, qkv: z(n * 3 * c) },
             r: RestActs {
                 att: z(probs),
                 atty: z(n * c),
+                atty_rhs: None,
                 res2: z(n * c),
                 ln2: z(n * c),
                 ln2_mean: z(n),
                 ln2_rstd: z(n),
+                ln2_rhs: None,
                 fch: z(n * 4 * c),
                 fch_gelu: z(n * 4 * c),
+                fch_gelu_rhs: None,
                 res3: z(n * c),
             },
         }
@@ -102,22 +111,28 @@ fn embed(x: &mut [f32], w: &Params<&[f32]>, tokens: &[u32], t: usize, pos0: usiz
     });
 }
 
-/// The first half of a block on n rows: ln_1(input) → q|k|v.
+/// The first half of a block on n rows: ln_1(input) → q|k|v; keeping what the backward needs
+/// when `train`.
+#[allow(clippy::too_many_arguments)]
 fn block_qkv(
     cp: Compute,
     p: &Block<&[f32]>,
     pk: Option<&PackedBlock>,
     a: &mut QkvActs,
     input: &[f32],
+    train: bool,
     n: usize,
     c: usize,
 ) {
     layernorm_forward(&mut a.ln1, &mut a.ln1_mean, &mut a.ln1_rstd, input, p.ln_1.weight, p.ln_1.bias, c);
-    linear(cp, &mut a.qkv, &a.ln1, p.attn.c_attn.weight, pk.map(|k| &k.qkv), Some(p.attn.c_attn.bias), n);
+    a.ln1_rhs = None;
+    let (w, b) = (p.attn.c_attn.weight, Some(p.attn.c_attn.bias));
+    linear(cp, &mut a.qkv, &a.ln1, w, pk.map(|k| &k.qkv), b, n, train.then_some(&mut a.ln1_rhs));
 }
 
 /// The second half of a block for `rows` sequences of `t` queries at positions pos0..: attention
-/// over `kv` → c_proj → + input → ln_2 → c_fc → GELU → c_proj → + residual, into `a.res3`.
+/// over `kv` → c_proj → + input → ln_2 → c_fc → GELU → c_proj → + residual, into `a.res3`;
+/// keeping what the backward needs when `train` (the probabilities, the packed operands).
 /// `tmp` is (rows·t, C) scratch.
 ///
 /// # Safety
@@ -132,20 +147,26 @@ unsafe fn block_rest(
     input: &[f32],
     qkv: &[f32],
     kv: KvLayout,
-    keep_probs: bool,
+    train: bool,
     (rows, t, pos0): (usize, usize, usize),
     (c, h): (usize, usize),
 ) {
     let n = rows * t;
-    let probs = if keep_probs { Some(&mut a.att[..]) } else { None };
+    let probs = if train { Some(&mut a.att[..]) } else { None };
     // SAFETY: forwarded from the caller.
     unsafe { attention(cp.kernels, &mut a.atty, probs, qkv, kv, rows, t, pos0, c, h) };
-    linear(cp, tmp, &a.atty, p.attn.c_proj.weight, pk.map(|k| &k.proj), Some(p.attn.c_proj.bias), n);
+    (a.atty_rhs, a.ln2_rhs, a.fch_gelu_rhs) = (None, None, None);
+    let (attn, mlp) = (&p.attn, &p.mlp);
+    let (proj, fc, fcp) = (pk.map(|k| &k.proj), pk.map(|k| &k.fc), pk.map(|k| &k.fcp));
+    let keep = train.then_some(&mut a.atty_rhs);
+    linear(cp, tmp, &a.atty, attn.c_proj.weight, proj, Some(attn.c_proj.bias), n, keep);
     add(&mut a.res2, input, tmp);
     layernorm_forward(&mut a.ln2, &mut a.ln2_mean, &mut a.ln2_rstd, &a.res2, p.ln_2.weight, p.ln_2.bias, c);
-    linear(cp, &mut a.fch, &a.ln2, p.mlp.c_fc.weight, pk.map(|k| &k.fc), Some(p.mlp.c_fc.bias), n);
+    let keep = train.then_some(&mut a.ln2_rhs);
+    linear(cp, &mut a.fch, &a.ln2, mlp.c_fc.weight, fc, Some(mlp.c_fc.bias), n, keep);
     gelu_forward(&mut a.fch_gelu, &a.fch);
-    linear(cp, tmp, &a.fch_gelu, p.mlp.c_proj.weight, pk.map(|k| &k.fcp), Some(p.mlp.c_proj.bias), n);
+    let keep = train.then_some(&mut a.fch_gelu_rhs);
+    linear(cp, tmp, &a.fch_gelu, mlp.c_proj.weight, fcp, Some(mlp.c_proj.bias), n, keep);
     add(&mut a.res3, &a.res2, tmp);
 }
 
@@ -216,13 +237,13 @@ fn forward_sequences(
     mut head_grad: Option<&mut [f32]>,
 ) -> f32 {
     let (b, t, c, v, h) = (a.b, a.t, cfg.d_model, cfg.vocab_size, cfg.n_head);
-    let bt = b * t;
+    let (bt, train) = (b * t, head_grad.is_some());
     embed(&mut a.x0, w, inputs, t, 0, c);
     for l in 0..cfg.n_layer {
         let (done, rest) = a.layers.split_at_mut(l);
         let la = &mut rest[0];
         let input: &[f32] = if l == 0 { &a.x0 } else { &done[l - 1].r.res3 };
-        block_qkv(cp, &w.h[l], None, &mut la.q, input, bt, c);
+        block_qkv(cp, &w.h[l], None, &mut la.q, input, train, bt, c);
         // Keys and values straight from qkv: position j of head hi of sequence r at row r·T + j.
         let qkv = &la.q.qkv;
         let kv = KvLayout {
@@ -234,7 +255,7 @@ fn forward_sequences(
         };
         // SAFETY: kv describes the k and v columns of qkv, (B·T, 3C), which outlives the call.
         unsafe {
-            block_rest(cp, &w.h[l], None, &mut la.r, &mut a.tmp_c, input, qkv, kv, true, (b, t, 0), (c, h))
+            block_rest(cp, &w.h[l], None, &mut la.r, &mut a.tmp_c, input, qkv, kv, train, (b, t, 0), (c, h))
         };
     }
     let last = &a.layers[cfg.n_layer - 1].r.res3;
@@ -270,8 +291,7 @@ fn forward_sequences(
             let m = max(x);
             let target = tgt[i] as usize;
             let logit = x[target];
-            super::ops::exp_in_place(x, m, 1.0);
-            let total = sum(x);
+            let total = super::ops::exp_sum_in_place(x, m, 1.0);
             let inv = 1.0 / total;
             *loss = m + total.ln() - logit; // −log softmax, finite even when the target's probability underflows
             for y in x.iter_mut() {
@@ -284,7 +304,7 @@ fn forward_sequences(
         let d_logits = unsafe { Lhs::from_rows(hb.kernels, hb.precision, (rows, v), logits, losses, ce) };
         if let (Some(gw), Some(wte_back)) = (head_grad.as_deref_mut(), &wte_back) {
             let d_lnf = &mut a.d_c[r0 * c..(r0 + rows) * c];
-            matmul_backward_lhs(hb, (d_lnf, gw), &d_logits, lnf, wte_back, rows);
+            matmul_backward_lhs(hb, (d_lnf, gw), &d_logits, (lnf, None), wte_back, rows);
         }
     }
     a.losses.iter().map(|&x| x as f64).sum::<f64>() as f32 * inv_n
@@ -336,7 +356,7 @@ fn backward(
             gfcp.weight,
             Some(gfcp.bias),
             &a.d_res,
-            &lr.fch_gelu,
+            (&lr.fch_gelu, lr.fch_gelu_rhs.as_ref()),
             fcp.weight,
             bt,
             4 * c,
@@ -349,7 +369,7 @@ fn backward(
             gfc.weight,
             Some(gfc.bias),
             &a.d_4c,
-            &lr.ln2,
+            (&lr.ln2, lr.ln2_rhs.as_ref()),
             fc.weight,
             bt,
             c,
@@ -366,7 +386,7 @@ fn backward(
             gproj.weight,
             Some(gproj.bias),
             &a.d_res,
-            &lr.atty,
+            (&lr.atty, lr.atty_rhs.as_ref()),
             proj.weight,
             bt,
             c,
@@ -380,7 +400,7 @@ fn backward(
             gqkv.weight,
             Some(gqkv.bias),
             &a.d_3c,
-            &lq.ln1,
+            (&lq.ln1, lq.ln1_rhs.as_ref()),
             qkv.weight,
             bt,
             c,
@@ -671,7 +691,7 @@ impl<'a> Decoder<'a> {
         };
         for l in 0..cfg.n_layer {
             let (p, pk) = (&self.w.h[l], Some(&self.packed[l]));
-            block_qkv(cp, p, pk, &mut la.q, &x, n, c);
+            block_qkv(cp, p, pk, &mut la.q, &x, false, n, c);
             // Append this step's keys and values to the cache: row r, head hi, position pos0 + i.
             let (kc, vc) = (&mut self.k[l], &mut self.v[l]);
             for (i, q) in la.q.qkv.chunks(3 * c).enumerate() {
@@ -731,7 +751,7 @@ impl<'a> Decoder<'a> {
         let (mut lnl, mut m1, mut r1) = (vec![0f32; rows * c], vec![0f32; rows], vec![0f32; rows]);
         layernorm_forward(&mut lnl, &mut m1, &mut r1, &x, self.w.ln_f.weight, self.w.ln_f.bias, c);
         let mut logits = vec![0f32; rows * cfg.vocab_size];
-        linear(self.cp, &mut logits, &lnl, self.w.wte, Some(&self.head), None, rows);
+        linear(self.cp, &mut logits, &lnl, self.w.wte, Some(&self.head), None, rows, None);
         logits
     }
 }
@@ -748,14 +768,21 @@ mod tests {
     }
 
     /// The fast path's loss and every gradient equal candle autograd's on a tiny model:
-    /// |fast − candle| ≤ 1e-4 + 1e-3·|candle| element-wise (f32, different summation orders).
+    /// |fast − candle| ≤ 1e-4 + 1e-3·|candle| element-wise (f32, different summation orders); on
+    /// sequences of 10, and of 75, whose attention runs in blocks of rows (32, 32, 11).
     #[test]
     fn loss_and_gradients_match_candle_autograd() {
-        let cfg = cfg();
+        for (cfg, t) in [(cfg(), 10), (ModelConfig { ctx: 80, ..cfg() }, 75)] {
+            loss_and_gradients_match_candle_autograd_on(&cfg, t);
+        }
+    }
+
+    fn loss_and_gradients_match_candle_autograd_on(cfg: &ModelConfig, t: usize) {
+        let cfg = cfg.clone();
         let dev = Device::Cpu;
         let w0 = init_weights(&cfg, 11);
         let (model, vars) = Gpt::trainable(&cfg, &w0, &dev).unwrap();
-        let (b, t) = (3, 10);
+        let b = 3;
         let x: Vec<u32> = (0..b * t).map(|i| ((i * 7 + 3) % 37) as u32).collect();
         let y: Vec<u32> = (0..b * t).map(|i| ((i * 5 + 1) % 37) as u32).collect();
         let xt = Tensor::from_vec(x.clone(), (b, t), &dev).unwrap();
@@ -893,6 +920,31 @@ mod tests {
                 let diff = got.iter().zip(&full[r][pos]).map(|(a, b)| (a - b).abs()).fold(0f32, f32::max);
                 assert!(diff < 1e-4, "row {r} position {pos}: max |Δ| {diff}");
             }
+        }
+    }
+
+    /// A prefill after a prefix (positions 5..45: its attention in blocks of 32 and 8 rows, each
+    /// over the keys its last row sees) gives candle's full-forward logits.
+    #[test]
+    fn long_prefill_after_a_prefix_matches_the_candle_forward() {
+        let cfg = ModelConfig { ctx: 48, ..cfg() };
+        let w = init_weights(&cfg, 5);
+        let gpt = Gpt::new(&cfg, &w, &Device::Cpu).unwrap();
+        let model = Model::new(Compute::fp32(), &cfg, &w);
+        let (rows, len) = (3, 45);
+        let seqs: Vec<u32> = (0..rows * len).map(|i| ((i * 11 + i / 7) % 37) as u32).collect();
+        let x = Tensor::from_vec(seqs.clone(), (rows, len), &Device::Cpu).unwrap();
+        let full = gpt.forward(&x, None).unwrap().to_vec3::<f32>().unwrap(); // (rows, len, V)
+        let mut dec = model.decoder(rows);
+        let part = |a: usize, b: usize| -> Vec<u32> {
+            (0..rows).flat_map(|r| seqs[r * len + a..r * len + b].to_vec()).collect()
+        };
+        dec.forward(&part(0, 5), 5);
+        let logits = dec.forward(&part(5, len), len - 5);
+        for r in 0..rows {
+            let got = &logits[r * 37..(r + 1) * 37];
+            let diff = got.iter().zip(&full[r][len - 1]).map(|(a, b)| (a - b).abs()).fold(0f32, f32::max);
+            assert!(diff < 1e-4, "row {r}: max |Δ| {diff}");
         }
     }
 

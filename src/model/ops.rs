@@ -54,7 +54,9 @@ pub const PACKED_MAX_ROWS: usize = 256;
 /// out (n_rows, oc) = inp (n_rows, ic) · W^T + bias (W: (oc, ic)). With `packed` (W packed once for
 /// decoding), few rows go to [`packed_matmul`], many (a prefill) to the general product. The two
 /// sum in different orders, so a prompt's logits can differ in the last bits with the size of its
-/// batch; a run stays reproducible, as its batches are fixed.
+/// batch; a run stays reproducible, as its batches are fixed. With `keep` (training), the
+/// product is [`matmul_forward_keep`]'s, and `keep` receives what it returns.
+#[allow(clippy::too_many_arguments)]
 pub fn linear(
     c: Compute,
     out: &mut [f32],
@@ -63,11 +65,13 @@ pub fn linear(
     packed: Option<&PackedWeights>,
     bias: Option<&[f32]>,
     n_rows: usize,
+    keep: Option<&mut Option<Rhs>>,
 ) {
     let (oc, ic) = (out.len() / n_rows.max(1), inp.len() / n_rows.max(1));
-    match packed {
-        Some(p) if n_rows <= PACKED_MAX_ROWS => packed_matmul(out, inp, p, bias, n_rows),
-        _ => matmul_forward(c, out, inp, w, bias, n_rows, ic, oc),
+    match (packed, keep) {
+        (Some(p), None) if n_rows <= PACKED_MAX_ROWS => packed_matmul(out, inp, p, bias, n_rows),
+        (_, Some(keep)) => *keep = matmul_forward_keep(c, out, inp, w, bias, n_rows),
+        (_, None) => matmul_forward(c, out, inp, w, bias, n_rows, ic, oc),
     }
 }
 
@@ -168,21 +172,24 @@ pub unsafe fn attention(
             // are len rows at stride `pos`; the output columns of (r, hi) are this task's alone.
             unsafe {
                 let q = qkv.as_ptr().add(r * t * 3 * c + hi * hs);
-                // att (t, len) = q · kᵀ · scale
-                matmul(
-                    kernels,
-                    Precision::F32,
-                    t,
-                    len,
-                    hs,
-                    att.as_mut_ptr(),
-                    len,
-                    false,
-                    Mat::row_major(q, 3 * c),
-                    Mat::transposed(k, pos),
-                    scale,
-                    false,
-                );
+                // att (t, len) = q · kᵀ · scale, by blocks of rows, each up to the keys its last
+                // row sees (the rest of each row is masked: zeroed below).
+                for (i0, i1) in causal_blocks(t) {
+                    matmul(
+                        kernels,
+                        Precision::F32,
+                        i1 - i0,
+                        pos0 + i1,
+                        hs,
+                        att.as_mut_ptr().add(i0 * len),
+                        len,
+                        false,
+                        Mat::row_major(q.add(i0 * 3 * c), 3 * c),
+                        Mat::transposed(k, pos),
+                        scale,
+                        false,
+                    );
+                }
                 for i in 0..t {
                     let row = &mut att[i * len..(i + 1) * len];
                     let visible = pos0 + i + 1;
@@ -194,28 +201,41 @@ pub unsafe fn attention(
                     row[..visible].iter_mut().for_each(|x| *x *= inv);
                     row[visible..].iter_mut().for_each(|x| *x = 0.0);
                 }
-                // out (t, hs) = att · v
+                // out (t, hs) = att · v, by the same blocks, each over the keys it sees (the terms
+                // left out are zeros at the end of each sum: the same sums).
                 let o = out_p.ptr().add(r * t * c + hi * hs);
-                matmul(
-                    kernels,
-                    Precision::F32,
-                    t,
-                    hs,
-                    len,
-                    o,
-                    c,
-                    false,
-                    Mat::row_major(att.as_ptr(), len),
-                    Mat::row_major(v, pos),
-                    1.0,
-                    false,
-                );
+                for (i0, i1) in causal_blocks(t) {
+                    matmul(
+                        kernels,
+                        Precision::F32,
+                        i1 - i0,
+                        hs,
+                        pos0 + i1,
+                        o.add(i0 * c),
+                        c,
+                        false,
+                        Mat::row_major(att.as_ptr().add(i0 * len), len),
+                        Mat::row_major(v, pos),
+                        1.0,
+                        false,
+                    );
+                }
             }
         },
     );
 }
 
 use crate::kernels::{matmul, matmul_rhs, Lhs, Rhs};
+
+/// Rows per block of the attention products.
+const CAUSAL_BLOCK: usize = 32;
+
+/// The attention's t query rows in blocks of [`CAUSAL_BLOCK`], as (first, end): under the causal
+/// mask, row i sees keys up to pos0 + i, so a block's products need only the keys its last row
+/// sees (and, transposed, only the queries from its first row on).
+fn causal_blocks(t: usize) -> impl Iterator<Item = (usize, usize)> {
+    (0..t).step_by(CAUSAL_BLOCK).map(move |i0| (i0, t.min(i0 + CAUSAL_BLOCK)))
+}
 
 /// A weight W (oc, ic) as the right operand of its layer's products, prepared once (in bf16,
 /// rounded and packed) for several of them: the LM head's, one chunk of rows at a time.
@@ -287,7 +307,32 @@ pub fn matmul_forward_with(out: &mut [f32], inp: &[f32], w: &WeightRhs, bias: Op
     }
 }
 
+/// [`matmul_forward`] in training: inp is prepared as this product's left operand and, where
+/// that packs it (bf16 on `vdpbf16ps`, in the same pass), as the right operand of the backward's
+/// d W = d outᵀ · inp, which is returned for [`matmul_backward`] (None where nothing is packed:
+/// the backward prepares inp itself). The same sums as [`matmul_forward`].
+pub fn matmul_forward_keep(
+    c: Compute,
+    out: &mut [f32],
+    inp: &[f32],
+    w: &[f32],
+    bias: Option<&[f32]>,
+    n_rows: usize,
+) -> Option<Rhs> {
+    let (oc, ic) = (out.len() / n_rows.max(1), inp.len() / n_rows.max(1));
+    assert!(out.len() == n_rows * oc && inp.len() == n_rows * ic, "matmul_forward shapes");
+    let w = WeightRhs::forward(c, w, oc, ic);
+    // SAFETY: inp holds n_rows × ic floats and outlives `x` (the Rhs it becomes does not read
+    // them: it is packed, or not returned); out holds n_rows × oc and aliases neither operand.
+    unsafe {
+        let x = Lhs::new(c.kernels, c.precision, Mat::row_major(inp.as_ptr(), ic), n_rows, ic, true);
+        x.matmul(false, &w.rhs, out.as_mut_ptr(), oc, false, 1.0, bias, true);
+        x.into_rhs()
+    }
+}
+
 /// Given d out (n_rows, oc): d inp = d out · W (overwritten), d W += d out^T · inp, d bias += Σ d out.
+/// `inp_rhs`: inp as d W's right operand, kept from the forward pass ([`matmul_forward_keep`]).
 #[allow(clippy::too_many_arguments)]
 pub fn matmul_backward(
     c: Compute,
@@ -295,7 +340,7 @@ pub fn matmul_backward(
     dw: &mut [f32],
     dbias: Option<&mut [f32]>,
     dout: &[f32],
-    inp: &[f32],
+    (inp, inp_rhs): (&[f32], Option<&Rhs>),
     w: &[f32],
     n_rows: usize,
     ic: usize,
@@ -304,32 +349,29 @@ pub fn matmul_backward(
     assert!(dout.len() == n_rows * oc, "matmul_backward shapes");
     // d out is the left operand of both products (d inp = d out · W, d W += d outᵀ · inp):
     // prepared (in bf16: packed both ways) once.
-    // SAFETY: dout holds n_rows × oc floats and outlives the value.
-    let d_out =
-        unsafe { Lhs::new(c.kernels, c.precision, Mat::row_major(dout.as_ptr(), oc), n_rows, oc, true) };
-    matmul_backward_lhs(c, (dinp, dw), &d_out, inp, &WeightRhs::backward(c, w, oc, ic), n_rows);
     if let Some(db) = dbias {
         assert_eq!(db.len(), oc, "matmul_backward: bias gradient length");
-        // Blocks of columns in parallel, each summed over the rows in order (so the same sums
-        // whatever the threads).
-        db.par_chunks_mut(64).enumerate().for_each(|(blk, db)| {
-            let j0 = blk * 64;
-            for row in dout.chunks(oc) {
-                for (d, x) in db.iter_mut().zip(&row[j0..]) {
-                    *d += x;
-                }
+        // First, while d out is still in cache from whatever wrote it.
+        column_sums([db], n_rows, |i, j0, [db]| {
+            for (d, x) in db.iter_mut().zip(&dout[i * oc + j0..]) {
+                *d += x;
             }
         });
     }
+    // SAFETY: dout holds n_rows × oc floats and outlives the value.
+    let d_out =
+        unsafe { Lhs::new(c.kernels, c.precision, Mat::row_major(dout.as_ptr(), oc), n_rows, oc, true) };
+    matmul_backward_lhs(c, (dinp, dw), &d_out, (inp, inp_rhs), &WeightRhs::backward(c, w, oc, ic), n_rows);
 }
 
 /// d inp = d out · W (overwritten) and d W += d outᵀ · inp, d out (n_rows, oc) prepared
-/// beforehand ([`Lhs`], on `c`'s kernels and precision, as d W's product).
+/// beforehand ([`Lhs`], on `c`'s kernels and precision, as d W's product); inp too when
+/// `inp_rhs` is given (kept from the forward pass, on the same kernels and precision).
 pub fn matmul_backward_lhs(
     c: Compute,
     (dinp, dw): (&mut [f32], &mut [f32]),
     d_out: &Lhs,
-    inp: &[f32],
+    (inp, inp_rhs): (&[f32], Option<&Rhs>),
     w: &WeightRhs,
     n_rows: usize,
 ) {
@@ -337,12 +379,20 @@ pub fn matmul_backward_lhs(
     assert!(!w.forward, "matmul_backward: W prepared for the forward product");
     assert!(dinp.len() == n_rows * ic && dw.len() == oc * ic, "matmul_backward shapes");
     assert!(inp.len() == n_rows * ic && d_out.shape() == (n_rows, oc), "matmul_backward shapes");
+    assert!(inp_rhs.is_none_or(|r| r.shape() == (n_rows, ic)), "matmul_backward: inp kept for another shape");
     // SAFETY: each destination is a separate buffer of the stated size; W (borrowed by `w`), d
     // out's matrix (the caller's contract with Lhs) and inp outlive the products.
     unsafe {
-        d_out.matmul(false, &w.rhs, dinp.as_mut_ptr(), ic, false, 1.0, true);
-        let inp = Rhs::new(c.kernels, c.precision, Mat::row_major(inp.as_ptr(), ic), n_rows, ic, true);
-        d_out.matmul(true, &inp, dw.as_mut_ptr(), ic, true, 1.0, true);
+        d_out.matmul(false, &w.rhs, dinp.as_mut_ptr(), ic, false, 1.0, None, true);
+        let fresh;
+        let inp = match inp_rhs {
+            Some(kept) => kept,
+            None => {
+                fresh = Rhs::new(c.kernels, c.precision, Mat::row_major(inp.as_ptr(), ic), n_rows, ic, true);
+                &fresh
+            }
+        };
+        d_out.matmul(true, inp, dw.as_mut_ptr(), ic, true, 1.0, None, true);
     }
 }
 
@@ -402,13 +452,41 @@ pub fn layernorm_backward(
             }
         },
     );
-    for (row, (d, x)) in dout.chunks(c).zip(inp.chunks(c)).enumerate() {
+    column_sums([db, dw], mean.len(), |row, j0, [db, dw]| {
         let (mu, s) = (mean[row], rstd[row]);
-        for i in 0..c {
-            db[i] += d[i];
-            dw[i] += (x[i] - mu) * s * d[i];
+        let (d, x) = (&dout[row * c + j0..], &inp[row * c + j0..]);
+        for (((db, dw), &d), &x) in db.iter_mut().zip(dw.iter_mut()).zip(d).zip(x) {
+            *db += d;
+            *dw += (x - mu) * s * d;
         }
+    });
+}
+
+/// acc[n][j] += Σ over rows i, in order, of row i's term n at column j, for N accumulators as
+/// wide as the rows: a gradient summed over the batch column by column, the same sums whatever
+/// the threads. The columns are split into one contiguous range per thread, each range's rows
+/// read in order (so memory streams by rows, and the sums stay in L1); `add_row(i, j0, s)` adds
+/// row i's terms for columns j0.. into s[n] (as long as the range).
+fn column_sums<const N: usize>(
+    acc: [&mut [f32]; N],
+    rows: usize,
+    add_row: impl Fn(usize, usize, &mut [&mut [f32]; N]) + Sync,
+) {
+    let c = acc[0].len();
+    assert!(acc.iter().all(|a| a.len() == c), "column_sums: accumulators of different widths");
+    if c == 0 {
+        return;
     }
+    let width = c.div_ceil(rayon::current_num_threads().max(1)).next_multiple_of(16);
+    let ptrs = acc.map(|a| SendPtr(a.as_mut_ptr()));
+    (0..c.div_ceil(width)).into_par_iter().for_each(|r| {
+        let (j0, w) = (r * width, width.min(c - r * width));
+        // SAFETY: columns j0..j0 + w of each accumulator are this task's alone.
+        let mut sums = ptrs.map(|p| unsafe { std::slice::from_raw_parts_mut(p.ptr().add(j0), w) });
+        for i in 0..rows {
+            add_row(i, j0, &mut sums);
+        }
+    });
 }
 
 pub fn add(out: &mut [f32], a: &[f32], b: &[f32]) {
@@ -522,6 +600,37 @@ pub fn exp_in_place_on(wide: bool, x: &mut [f32], m: f32, scale: f32) {
     }
 }
 
+/// [`exp_in_place`], then the [`sum`] of the result (the same bits), in one pass where the
+/// AVX-512 exp loop runs: the cross-entropy's softmax denominator.
+pub fn exp_sum_in_place(x: &mut [f32], m: f32, scale: f32) -> f32 {
+    exp_sum_in_place_on(wide_exp(), x, m, scale)
+}
+
+/// [`exp_sum_in_place`] in its AVX-512 form when `wide` (and the CPU has AVX-512F), else the
+/// portable one: the same bits either way.
+pub fn exp_sum_in_place_on(wide: bool, x: &mut [f32], m: f32, scale: f32) -> f32 {
+    #[cfg(target_arch = "x86_64")]
+    if wide && std::arch::is_x86_feature_detected!("avx512f") {
+        let mut acc = [0f32; 8];
+        // SAFETY: the CPU has AVX-512F.
+        let done = unsafe { wide::exp16_sum8_in_place(x, m, scale, &mut acc) };
+        for y in &mut x[done..] {
+            *y = fast_exp((*y - m) * scale);
+        }
+        // The rest as `sum` goes on: its chunks of 8 (done is a multiple of 8), then the remainder.
+        let chunks = x[done..].chunks_exact(8);
+        let rest: f32 = chunks.remainder().iter().sum();
+        for c in chunks {
+            for i in 0..8 {
+                acc[i] += c[i];
+            }
+        }
+        return acc.iter().sum::<f32>() + rest;
+    }
+    exp_in_place_on(wide, x, m, scale);
+    sum(x)
+}
+
 /// [`fast_exp`] sixteen lanes at a time in AVX-512, operation for operation (no fused
 /// multiply-adds), so every lane gives the scalar function's bits.
 #[cfg(target_arch = "x86_64")]
@@ -632,6 +741,30 @@ mod wide {
         unsafe { _mm512_storeu_ps(acc.as_mut_ptr(), sum) };
     }
 
+    /// As [`exp16_in_place`], also adding the results to `acc` in [`super::sum`]'s order: each
+    /// chunk of 16 as its two chunks of 8, one after the other.
+    ///
+    /// # Safety
+    /// The CPU has AVX-512F.
+    #[target_feature(enable = "avx512f")]
+    pub(super) unsafe fn exp16_sum8_in_place(x: &mut [f32], m: f32, scale: f32, acc: &mut [f32; 8]) -> usize {
+        let (m, scale) = (_mm512_set1_ps(m), _mm512_set1_ps(scale));
+        // SAFETY: 8 floats.
+        let mut sum = unsafe { _mm256_loadu_ps(acc.as_ptr()) };
+        for c in x.chunks_exact_mut(16) {
+            // SAFETY: 16 floats.
+            unsafe {
+                let e = exp16(_mm512_mul_ps(_mm512_sub_ps(_mm512_loadu_ps(c.as_ptr()), m), scale));
+                _mm512_storeu_ps(c.as_mut_ptr(), e);
+                sum = _mm256_add_ps(sum, _mm512_castps512_ps256(e));
+                sum = _mm256_add_ps(sum, _mm256_castpd_ps(_mm512_extractf64x4_pd::<1>(_mm512_castps_pd(e))));
+            }
+        }
+        // SAFETY: 8 floats.
+        unsafe { _mm256_storeu_ps(acc.as_mut_ptr(), sum) };
+        x.len() / 16 * 16
+    }
+
     /// x ← e^((x − m)·scale) over the whole chunks of 16; returns how many entries that was.
     ///
     /// # Safety
@@ -665,14 +798,16 @@ pub fn dot(a: &[f32], b: &[f32]) -> f32 {
     acc.iter().sum::<f32>() + rest
 }
 
-/// Maximum in eight lanes (NaNs are skipped; −∞ for an empty or all-NaN slice).
+/// Maximum in 32 lanes, so that no one chain of comparisons runs the length of a vocabulary-wide
+/// row (NaNs are skipped; −∞ for an empty or all-NaN slice; of +0 and −0, whichever its lane saw
+/// first).
 #[inline(always)]
 pub fn max(x: &[f32]) -> f32 {
-    let mut acc = [f32::NEG_INFINITY; 8];
-    let chunks = x.chunks_exact(8);
+    let mut acc = [f32::NEG_INFINITY; 32];
+    let chunks = x.chunks_exact(32);
     let rest = chunks.remainder().iter().fold(f32::NEG_INFINITY, |m, &v| if v > m { v } else { m });
     for c in chunks {
-        for i in 0..8 {
+        for i in 0..32 {
             acc[i] = if c[i] > acc[i] { c[i] } else { acc[i] };
         }
     }
@@ -801,36 +936,40 @@ pub fn attention_backward(
             let d_o = dout.as_ptr().add(bi * t * c + hi * hs);
             let db = dq_p.ptr().add(bi * t * 3 * c);
             let (dq, dk, dv) = (db.add(hi * hs), db.add(c + hi * hs), db.add(2 * c + hi * hs));
-            // datt (T, T) = dout · v^T
-            matmul(
-                kernels,
-                Precision::F32,
-                t,
-                t,
-                hs,
-                da.as_mut_ptr(),
-                t,
-                false,
-                Mat::row_major(d_o, c),
-                Mat::transposed(v, 3 * c),
-                1.0,
-                false,
-            );
-            // dv (T, hs) = att^T · dout
-            matmul(
-                kernels,
-                Precision::F32,
-                t,
-                hs,
-                t,
-                dv,
-                3 * c,
-                false,
-                Mat::transposed(a.as_ptr(), t),
-                Mat::row_major(d_o, c),
-                1.0,
-                false,
-            );
+            // Each product by blocks of rows, leaving out what the causal mask makes zero: the
+            // terms left out are zeros at the start or the end of each sum (the same sums).
+            for (i0, i1) in causal_blocks(t) {
+                // datt (T, T) = dout · vᵀ, on and below the diagonal (the rest is zeroed below).
+                matmul(
+                    kernels,
+                    Precision::F32,
+                    i1 - i0,
+                    i1,
+                    hs,
+                    da.as_mut_ptr().add(i0 * t),
+                    t,
+                    false,
+                    Mat::row_major(d_o.add(i0 * c), c),
+                    Mat::transposed(v, 3 * c),
+                    1.0,
+                    false,
+                );
+                // dv (T, hs) = attᵀ · dout: row j from the queries i ≥ j.
+                matmul(
+                    kernels,
+                    Precision::F32,
+                    i1 - i0,
+                    hs,
+                    t - i0,
+                    dv.add(i0 * 3 * c),
+                    3 * c,
+                    false,
+                    Mat::transposed(a.as_ptr().add(i0 * t + i0), t),
+                    Mat::row_major(d_o.add(i0 * c), c),
+                    1.0,
+                    false,
+                );
+            }
             // Softmax backward, in place: dpre = att ⊙ (datt − Σ att·datt), zero above the diagonal.
             for t1 in 0..t {
                 let (ar, dr) = (&a[t1 * t..(t1 + 1) * t], &mut da[t1 * t..(t1 + 1) * t]);
@@ -840,36 +979,38 @@ pub fn attention_backward(
                 }
                 dr[t1 + 1..].iter_mut().for_each(|x| *x = 0.0);
             }
-            // dq (T, hs) = dpre · k · scale
-            matmul(
-                kernels,
-                Precision::F32,
-                t,
-                hs,
-                t,
-                dq,
-                3 * c,
-                false,
-                Mat::row_major(da.as_ptr(), t),
-                Mat::row_major(k, 3 * c),
-                scale,
-                false,
-            );
-            // dk (T, hs) = dpre^T · q · scale
-            matmul(
-                kernels,
-                Precision::F32,
-                t,
-                hs,
-                t,
-                dk,
-                3 * c,
-                false,
-                Mat::transposed(da.as_ptr(), t),
-                Mat::row_major(q, 3 * c),
-                scale,
-                false,
-            );
+            for (i0, i1) in causal_blocks(t) {
+                // dq (T, hs) = dpre · k · scale: row i from the keys j ≤ i.
+                matmul(
+                    kernels,
+                    Precision::F32,
+                    i1 - i0,
+                    hs,
+                    i1,
+                    dq.add(i0 * 3 * c),
+                    3 * c,
+                    false,
+                    Mat::row_major(da.as_ptr().add(i0 * t), t),
+                    Mat::row_major(k, 3 * c),
+                    scale,
+                    false,
+                );
+                // dk (T, hs) = dpreᵀ · q · scale: row j from the queries i ≥ j.
+                matmul(
+                    kernels,
+                    Precision::F32,
+                    i1 - i0,
+                    hs,
+                    t - i0,
+                    dk.add(i0 * 3 * c),
+                    3 * c,
+                    false,
+                    Mat::transposed(da.as_ptr().add(i0 * t + i0), t),
+                    Mat::row_major(q.add(i0 * 3 * c), 3 * c),
+                    scale,
+                    false,
+                );
+            }
         }
     });
 }
@@ -935,6 +1076,9 @@ mod tests {
             (0..33_278).map(|i| if i % 97 == 0 { special[i / 97 % special.len()] } else { next() }).collect(),
         );
         rows.push(special.iter().copied().cycle().take(48).collect());
+        // Rows of values close together, so that every term counts in the sums (and their order
+        // shows in the bits).
+        rows.extend([64, 1000, 8203].map(|n| (0..n).map(|_| next() / 50.0).collect::<Vec<f32>>()));
         for row in &rows {
             for (m, scale) in [(0.0, 1.0), (3.5, 1.0), (-2.0, 1.0 / 0.7), (1.0, 1.25)] {
                 let (wide, portable) = (sum_exp_on(true, row, m), sum_exp_on(false, row, m));
@@ -948,6 +1092,14 @@ mod tests {
                 gelu_backward_on(true, &mut a, row);
                 gelu_backward_on(false, &mut b, row);
                 assert_eq!(bits(&a), bits(&b), "gelu backward over {} entries", row.len());
+                let (mut a, mut b) = (row.clone(), row.clone());
+                let (sa, sb) = (
+                    exp_sum_in_place_on(true, &mut a, m, scale),
+                    exp_sum_in_place_on(false, &mut b, m, scale),
+                );
+                assert_eq!(bits(&a), bits(&b), "exp_sum_in_place over {} entries", row.len());
+                assert_eq!(sa.to_bits(), sb.to_bits(), "exp_sum_in_place's sum over {} entries", row.len());
+                assert_eq!(sb.to_bits(), sum(&b).to_bits(), "exp_sum_in_place: sum's order");
                 let (mut a, mut b) = (row.clone(), row.clone());
                 exp_in_place_on(true, &mut a, m, scale);
                 exp_in_place_on(false, &mut b, m, scale);
@@ -964,6 +1116,47 @@ mod tests {
         }
     }
 
+    /// Column sums (a bias's and LayerNorm's gradients) are each column's terms added in row
+    /// order, whatever the threads and the widths (not multiples of the 16-column ranges): the
+    /// bits of the plain loop. A hand-checked case: columns of 1, 2, 3 over three rows.
+    #[test]
+    fn column_sums_add_each_column_in_row_order() {
+        let mut acc = vec![10.0f32, 20.0];
+        let m = [1.0f32, 2.0, 3.0, 4.0, 5.0, 6.0];
+        column_sums([&mut acc[..]], 3, |i, j0, [a]| {
+            for (a, x) in a.iter_mut().zip(&m[i * 2 + j0..]) {
+                *a += x;
+            }
+        });
+        assert_eq!(acc, [19.0, 32.0]);
+        let mut state = 7u64;
+        let mut next = move || {
+            state = state.wrapping_mul(6364136223846793005).wrapping_add(1442695040888963407);
+            ((state >> 40) as f32 / (1u64 << 24) as f32 - 0.5) * 3.0f32.powi((state % 13) as i32 - 6)
+        };
+        for (rows, c) in [(0, 5), (7, 1), (33, 15), (64, 17), (50, 100), (9, 257)] {
+            let (d, x): (Vec<f32>, Vec<f32>) = (0..rows * c).map(|_| (next(), next())).unzip();
+            let (mean, rstd): (Vec<f32>, Vec<f32>) = (0..rows).map(|_| (next(), next().abs() + 0.5)).unzip();
+            let (db0, dw0): (Vec<f32>, Vec<f32>) = (0..c).map(|_| (next(), next())).unzip();
+            let (mut want_b, mut want_w) = (db0.clone(), dw0.clone());
+            for i in 0..rows {
+                for j in 0..c {
+                    want_b[j] += d[i * c + j];
+                    want_w[j] += (x[i * c + j] - mean[i]) * rstd[i] * d[i * c + j];
+                }
+            }
+            for threads in [1, 2, 3] {
+                let pool = rayon::ThreadPoolBuilder::new().num_threads(threads).build().unwrap();
+                let (mut db, mut dw, mut dinp) = (db0.clone(), dw0.clone(), vec![0f32; rows * c]);
+                let w = vec![1f32; c];
+                pool.install(|| layernorm_backward(&mut dinp, &mut dw, &mut db, &d, &x, &w, &mean, &rstd, c));
+                let bits = |v: &[f32]| v.iter().map(|x| x.to_bits()).collect::<Vec<_>>();
+                assert_eq!(bits(&db), bits(&want_b), "d bias, {rows} × {c}, {threads} threads");
+                assert_eq!(bits(&dw), bits(&want_w), "d weight, {rows} × {c}, {threads} threads");
+            }
+        }
+    }
+
     /// The linear layer gives the same numbers (to f32 rounding) through packed weights (few rows)
     /// and the general product, with and without bias; a hand-checked element.
     #[test]
@@ -974,9 +1167,9 @@ mod tests {
         let w: Vec<f32> = (0..oc * ic).map(|i| ((i * 5 % 13) as f32 - 6.0) / 8.0).collect();
         let bias: Vec<f32> = (0..oc).map(|j| j as f32 / 10.0).collect();
         let (mut want, mut got) = (vec![0f32; rows * oc], vec![1f32; rows * oc]);
-        linear(c, &mut want, &inp, &w, None, Some(&bias), rows);
+        linear(c, &mut want, &inp, &w, None, Some(&bias), rows, None);
         let packed = PackedWeights::new(c.kernels, &w, oc, ic, Precision::F32);
-        linear(c, &mut got, &inp, &w, Some(&packed), Some(&bias), rows);
+        linear(c, &mut got, &inp, &w, Some(&packed), Some(&bias), rows, None);
         let diff = got.iter().zip(&want).map(|(a, b)| (a - b).abs()).fold(0f32, f32::max);
         assert!(diff < 1e-5, "max |Δ| {diff}");
         let dot0: f32 = (0..ic).map(|k| inp[k] * w[k]).sum();
