@@ -75,5 +75,13 @@ for (mode, cfg), v in rows.items():
         if lab in v and peer in v:
             a, b = med(v[lab]), med(v[peer])
             print(f"| {mode} config {cfg}, {what} | {a:,.0f} | {b:,.0f} | {a / b:.2f}x |")
+if int(sys.argv[2]) > 1:
+    # Each round's ratio (lab and peer of the same round), to show how steady the medians are.
+    print("\nround by round (lab / PyTorch of the same round):\n")
+    for (mode, cfg), v in rows.items():
+        for lab, peer, what in pairs[mode]:
+            if lab in v and peer in v:
+                rs = ", ".join(f"{a / b:.2f}" for a, b in zip(v[lab], v[peer]))
+                print(f"- {mode} config {cfg}, {what}: {rs}")
 PY
 rm -f "$out"
