@@ -653,11 +653,10 @@ fn check_out(out: &Path) -> Result<()> {
 
 /// Writes a lab model as a `transformers` GPT-2 directory `out` (see the module doc for the files).
 ///
-/// `tensors` are the lab's weights under their lab names and layout, f32 (e.g.
-/// [`crate::model::Gpt::named_tensors`], or a checkpoint's `model.safetensors` loaded with
-/// `candle_core::safetensors::load`); `tokenizer_json` the lab's `tokenizer.json` text, written
-/// unchanged; `eot_id` its `<|endoftext|>` id (eos, bos and pad of the export); `unk_id` its `<unk>`
-/// id if it has one.
+/// `tensors` are the lab's weights under their lab names and layout, f32 (e.g. a checkpoint's
+/// `model.safetensors` loaded with `candle_core::safetensors::load`); `tokenizer_json` the lab's
+/// `tokenizer.json` text, written unchanged; `eot_id` its `<|endoftext|>` id (eos, bos and pad of
+/// the export); `unk_id` its `<unk>` id if it has one.
 ///
 /// Everything is validated before anything is written (the model's shapes and names, the tokenizer
 /// and its ids); `out` is created only then, and refused if it holds anything but a previous export.

@@ -275,7 +275,7 @@ impl Decoder<'_> {
         }
     }
 
-    /// The new row i continues old row rows[i].
+    /// The new row i continues old row `rows[i]`.
     pub fn select_rows(&mut self, rows: &[usize]) -> Result<()> {
         match self {
             Decoder::Fast(d) => d.select_rows(rows),

@@ -4,9 +4,9 @@
 //! activations in buffers allocated once per batch shape; the ops are in [`super::ops`], the
 //! matrix products in [`crate::kernels`].
 //!
-//! The block is written once ([`block_qkv`] + [`block_rest`]) and serves three passes: training and
-//! scoring run whole sequences from position 0 and keep every activation ([`forward_sequences`],
-//! then [`backward`]); decoding ([`Decoder`]) runs a few new positions per row against a KV cache.
+//! The block is written once (`block_qkv` + `block_rest`) and serves three passes: training and
+//! scoring run whole sequences from position 0 and keep every activation (`forward_sequences`,
+//! then `backward`); decoding ([`Decoder`]) runs a few new positions per row against a KV cache.
 //! [`super::candle`] is the reference: tests check that this engine's loss, every gradient and the
 //! decoder's logits match candle's.
 //!
@@ -659,7 +659,7 @@ impl<'a> Decoder<'a> {
         self.pos == 0
     }
 
-    /// Keeps the cache rows `rows` (in that order, repeats allowed): the new row i is old row rows[i].
+    /// Keeps the cache rows `rows` (in that order, repeats allowed): the new row i is old row `rows[i]`.
     pub fn select_rows(&mut self, rows: &[usize]) {
         let per_row = self.cfg.ctx * self.cfg.d_model;
         for cache in self.k.iter_mut().chain(self.v.iter_mut()) {
