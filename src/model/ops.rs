@@ -175,19 +175,13 @@ pub unsafe fn attention(
                 // att (t, len) = q · kᵀ · scale, by blocks of rows, each up to the keys its last
                 // row sees (the rest of each row is masked: zeroed below).
                 for (i0, i1) in causal_blocks(t) {
-                    matmul(
+                    head_product(
                         kernels,
-                        Precision::F32,
-                        i1 - i0,
-                        pos0 + i1,
-                        hs,
-                        att.as_mut_ptr().add(i0 * len),
-                        len,
-                        false,
+                        (i1 - i0, pos0 + i1, hs),
+                        (att.as_mut_ptr().add(i0 * len), len),
                         Mat::row_major(q.add(i0 * 3 * c), 3 * c),
                         Mat::transposed(k, pos),
                         scale,
-                        false,
                     );
                 }
                 for i in 0..t {
@@ -205,19 +199,13 @@ pub unsafe fn attention(
                 // left out are zeros at the end of each sum: the same sums).
                 let o = out_p.ptr().add(r * t * c + hi * hs);
                 for (i0, i1) in causal_blocks(t) {
-                    matmul(
+                    head_product(
                         kernels,
-                        Precision::F32,
-                        i1 - i0,
-                        hs,
-                        pos0 + i1,
-                        o.add(i0 * c),
-                        c,
-                        false,
+                        (i1 - i0, hs, pos0 + i1),
+                        (o.add(i0 * c), c),
                         Mat::row_major(att.as_ptr().add(i0 * len), len),
                         Mat::row_major(v, pos),
                         1.0,
-                        false,
                     );
                 }
             }
@@ -226,6 +214,23 @@ pub unsafe fn attention(
 }
 
 use crate::kernels::{matmul, matmul_rhs, Lhs, Rhs};
+
+/// One of attention's small products, in f32 on the calling thread (the tasks are the heads):
+/// dst (m × n, rows `dst_row` apart) = scale · lhs (m × k) · rhs (k × n).
+///
+/// # Safety
+/// As [`matmul`].
+unsafe fn head_product(
+    kernels: Kernels,
+    (m, n, k): (usize, usize, usize),
+    (dst, dst_row): (*mut f32, usize),
+    lhs: Mat,
+    rhs: Mat,
+    scale: f32,
+) {
+    // SAFETY: forwarded.
+    unsafe { matmul(kernels, Precision::F32, m, n, k, dst, dst_row, false, lhs, rhs, scale, false) }
+}
 
 /// Rows per block of the attention products.
 const CAUSAL_BLOCK: usize = 32;
@@ -940,34 +945,22 @@ pub fn attention_backward(
             // terms left out are zeros at the start or the end of each sum (the same sums).
             for (i0, i1) in causal_blocks(t) {
                 // datt (T, T) = dout · vᵀ, on and below the diagonal (the rest is zeroed below).
-                matmul(
+                head_product(
                     kernels,
-                    Precision::F32,
-                    i1 - i0,
-                    i1,
-                    hs,
-                    da.as_mut_ptr().add(i0 * t),
-                    t,
-                    false,
+                    (i1 - i0, i1, hs),
+                    (da.as_mut_ptr().add(i0 * t), t),
                     Mat::row_major(d_o.add(i0 * c), c),
                     Mat::transposed(v, 3 * c),
                     1.0,
-                    false,
                 );
                 // dv (T, hs) = attᵀ · dout: row j from the queries i ≥ j.
-                matmul(
+                head_product(
                     kernels,
-                    Precision::F32,
-                    i1 - i0,
-                    hs,
-                    t - i0,
-                    dv.add(i0 * 3 * c),
-                    3 * c,
-                    false,
+                    (i1 - i0, hs, t - i0),
+                    (dv.add(i0 * 3 * c), 3 * c),
                     Mat::transposed(a.as_ptr().add(i0 * t + i0), t),
                     Mat::row_major(d_o.add(i0 * c), c),
                     1.0,
-                    false,
                 );
             }
             // Softmax backward, in place: dpre = att ⊙ (datt − Σ att·datt), zero above the diagonal.
@@ -981,34 +974,22 @@ pub fn attention_backward(
             }
             for (i0, i1) in causal_blocks(t) {
                 // dq (T, hs) = dpre · k · scale: row i from the keys j ≤ i.
-                matmul(
+                head_product(
                     kernels,
-                    Precision::F32,
-                    i1 - i0,
-                    hs,
-                    i1,
-                    dq.add(i0 * 3 * c),
-                    3 * c,
-                    false,
+                    (i1 - i0, hs, i1),
+                    (dq.add(i0 * 3 * c), 3 * c),
                     Mat::row_major(da.as_ptr().add(i0 * t), t),
                     Mat::row_major(k, 3 * c),
                     scale,
-                    false,
                 );
                 // dk (T, hs) = dpreᵀ · q · scale: row j from the queries i ≥ j.
-                matmul(
+                head_product(
                     kernels,
-                    Precision::F32,
-                    i1 - i0,
-                    hs,
-                    t - i0,
-                    dk.add(i0 * 3 * c),
-                    3 * c,
-                    false,
+                    (i1 - i0, hs, t - i0),
+                    (dk.add(i0 * 3 * c), 3 * c),
                     Mat::transposed(da.as_ptr().add(i0 * t + i0), t),
                     Mat::row_major(q.add(i0 * 3 * c), 3 * c),
                     scale,
-                    false,
                 );
             }
         }
