@@ -769,7 +769,7 @@ mod tests {
 
     /// The fast path's loss and every gradient equal candle autograd's on a tiny model:
     /// |fast − candle| ≤ 1e-4 + 1e-3·|candle| element-wise (f32, different summation orders); on
-    /// sequences of 10, and of 75, whose attention runs in blocks of rows (32, 32, 11).
+    /// sequences of 10 and of 75.
     #[test]
     fn loss_and_gradients_match_candle_autograd() {
         for (cfg, t) in [(cfg(), 10), (ModelConfig { ctx: 80, ..cfg() }, 75)] {
@@ -923,8 +923,7 @@ mod tests {
         }
     }
 
-    /// A prefill after a prefix (positions 5..45: its attention in blocks of 32 and 8 rows, each
-    /// over the keys its last row sees) gives candle's full-forward logits.
+    /// A prefill of 40 positions after a prefix of 5 gives candle's full-forward logits.
     #[test]
     fn long_prefill_after_a_prefix_matches_the_candle_forward() {
         let cfg = ModelConfig { ctx: 48, ..cfg() };
