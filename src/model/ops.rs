@@ -173,16 +173,14 @@ pub unsafe fn attention(
             unsafe {
                 let q = qkv.as_ptr().add(r * t * 3 * c + hi * hs);
                 // att (t, len) = q · kᵀ · scale (the masked part of each row is zeroed below).
-                for (i0, i1) in causal_blocks(t) {
-                    head_product(
-                        kernels,
-                        (i1 - i0, pos0 + i1, hs),
-                        (att.as_mut_ptr().add(i0 * len), len),
-                        Mat::row_major(q.add(i0 * 3 * c), 3 * c),
-                        Mat::transposed(k, pos),
-                        scale,
-                    );
-                }
+                head_product(
+                    kernels,
+                    (t, len, hs),
+                    (att.as_mut_ptr(), len),
+                    Mat::row_major(q, 3 * c),
+                    Mat::transposed(k, pos),
+                    scale,
+                );
                 for i in 0..t {
                     let row = &mut att[i * len..(i + 1) * len];
                     let visible = pos0 + i + 1;
@@ -196,16 +194,14 @@ pub unsafe fn attention(
                 }
                 // out (t, hs) = att · v.
                 let o = out_p.ptr().add(r * t * c + hi * hs);
-                for (i0, i1) in causal_blocks(t) {
-                    head_product(
-                        kernels,
-                        (i1 - i0, hs, pos0 + i1),
-                        (o.add(i0 * c), c),
-                        Mat::row_major(att.as_ptr().add(i0 * len), len),
-                        Mat::row_major(v, pos),
-                        1.0,
-                    );
-                }
+                head_product(
+                    kernels,
+                    (t, hs, len),
+                    (o, c),
+                    Mat::row_major(att.as_ptr(), len),
+                    Mat::row_major(v, pos),
+                    1.0,
+                );
             }
         },
     );
@@ -228,15 +224,6 @@ unsafe fn head_product(
 ) {
     // SAFETY: forwarded.
     unsafe { matmul(kernels, Precision::F32, m, n, k, dst, dst_row, false, lhs, rhs, scale, false) }
-}
-
-/// The attention's t query rows as the blocks its products run in: one block, (0, t). Blocks of
-/// 32 rows, each over the keys its last row sees (3/8 fewer flops at t = 128), were tried: the terms
-/// they leave out are exact zeros, but gemm picks other kernels and other chunks of k for short
-/// blocks and for more than 512 keys, so the bits changed for some lengths (t ≡ 1 or 2 mod 32,
-/// t > 512). The loops stay so that a blocking that keeps the bits can go here.
-fn causal_blocks(t: usize) -> impl Iterator<Item = (usize, usize)> {
-    std::iter::once((0, t))
 }
 
 /// A weight W (oc, ic) as the right operand of its layer's products, prepared once (in bf16,
@@ -939,26 +926,24 @@ pub fn attention_backward(
             let d_o = dout.as_ptr().add(bi * t * c + hi * hs);
             let db = dq_p.ptr().add(bi * t * 3 * c);
             let (dq, dk, dv) = (db.add(hi * hs), db.add(c + hi * hs), db.add(2 * c + hi * hs));
-            for (i0, i1) in causal_blocks(t) {
-                // datt (T, T) = dout · vᵀ, on and below the diagonal (the rest is zeroed below).
-                head_product(
-                    kernels,
-                    (i1 - i0, i1, hs),
-                    (da.as_mut_ptr().add(i0 * t), t),
-                    Mat::row_major(d_o.add(i0 * c), c),
-                    Mat::transposed(v, 3 * c),
-                    1.0,
-                );
-                // dv (T, hs) = attᵀ · dout: row j from the queries i ≥ j.
-                head_product(
-                    kernels,
-                    (i1 - i0, hs, t - i0),
-                    (dv.add(i0 * 3 * c), 3 * c),
-                    Mat::transposed(a.as_ptr().add(i0 * t + i0), t),
-                    Mat::row_major(d_o.add(i0 * c), c),
-                    1.0,
-                );
-            }
+            // datt (T, T) = dout · vᵀ, on and below the diagonal (the rest is zeroed below).
+            head_product(
+                kernels,
+                (t, t, hs),
+                (da.as_mut_ptr(), t),
+                Mat::row_major(d_o, c),
+                Mat::transposed(v, 3 * c),
+                1.0,
+            );
+            // dv (T, hs) = attᵀ · dout: row j from the queries i ≥ j.
+            head_product(
+                kernels,
+                (t, hs, t),
+                (dv, 3 * c),
+                Mat::transposed(a.as_ptr(), t),
+                Mat::row_major(d_o, c),
+                1.0,
+            );
             // Softmax backward, in place: dpre = att ⊙ (datt − Σ att·datt), zero above the diagonal.
             for t1 in 0..t {
                 let (ar, dr) = (&a[t1 * t..(t1 + 1) * t], &mut da[t1 * t..(t1 + 1) * t]);
@@ -968,26 +953,24 @@ pub fn attention_backward(
                 }
                 dr[t1 + 1..].iter_mut().for_each(|x| *x = 0.0);
             }
-            for (i0, i1) in causal_blocks(t) {
-                // dq (T, hs) = dpre · k · scale: row i from the keys j ≤ i.
-                head_product(
-                    kernels,
-                    (i1 - i0, hs, i1),
-                    (dq.add(i0 * 3 * c), 3 * c),
-                    Mat::row_major(da.as_ptr().add(i0 * t), t),
-                    Mat::row_major(k, 3 * c),
-                    scale,
-                );
-                // dk (T, hs) = dpreᵀ · q · scale: row j from the queries i ≥ j.
-                head_product(
-                    kernels,
-                    (i1 - i0, hs, t - i0),
-                    (dk.add(i0 * 3 * c), 3 * c),
-                    Mat::transposed(da.as_ptr().add(i0 * t + i0), t),
-                    Mat::row_major(q.add(i0 * 3 * c), 3 * c),
-                    scale,
-                );
-            }
+            // dq (T, hs) = dpre · k · scale: row i from the keys j ≤ i.
+            head_product(
+                kernels,
+                (t, hs, t),
+                (dq, 3 * c),
+                Mat::row_major(da.as_ptr(), t),
+                Mat::row_major(k, 3 * c),
+                scale,
+            );
+            // dk (T, hs) = dpreᵀ · q · scale: row j from the queries i ≥ j.
+            head_product(
+                kernels,
+                (t, hs, t),
+                (dk, 3 * c),
+                Mat::transposed(da.as_ptr(), t),
+                Mat::row_major(q, 3 * c),
+                scale,
+            );
         }
     });
 }
