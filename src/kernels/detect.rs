@@ -173,7 +173,7 @@ impl Kernels {
     /// Only the portable kernels (gemm's own fp32 dispatch, bf16 emulated, plain-Rust packed
     /// products): for testing them on any CPU.
     #[cfg(test)]
-    pub(super) fn portable() -> Kernels {
+    pub(crate) fn portable() -> Kernels {
         Kernels { fp32: Fp32Kernel::Portable, bf16: None }
     }
 

@@ -122,7 +122,33 @@ pub unsafe fn attention(
     c: usize,
     h: usize,
 ) {
+    // SAFETY: forwarded.
+    unsafe { attention_on(kernels, true, out, probs, qkv, kv, rows, t, pos0, c, h) }
+}
+
+/// [`attention`], its products in causal blocks ([`causal_blocks`]) when `blocked`, else each
+/// whole: the same bits (the test compares them).
+///
+/// # Safety
+/// As [`attention`].
+#[allow(clippy::too_many_arguments)]
+unsafe fn attention_on(
+    kernels: Kernels,
+    blocked: bool,
+    out: &mut [f32],
+    probs: Option<&mut [f32]>,
+    qkv: &[f32],
+    kv: KvLayout,
+    rows: usize,
+    t: usize,
+    pos0: usize,
+    c: usize,
+    h: usize,
+) {
     let (hs, len) = (c / h, pos0 + t);
+    let (keys, sums) = CAUSAL_BLOCKS;
+    let (blocks_n, blocks_k) =
+        (causal_blocks(blocked, keys, t, len, hs), causal_blocks(blocked, sums, t, len, hs));
     // The raw writes below rely on these shapes.
     assert!(out.len() == rows * t * c && qkv.len() == rows * t * 3 * c, "attention shapes");
     assert!(probs.as_ref().is_none_or(|p| p.len() == rows * h * t * len), "attention probabilities");
@@ -172,15 +198,18 @@ pub unsafe fn attention(
             // are len rows at stride `pos`; the output columns of (r, hi) are this task's alone.
             unsafe {
                 let q = qkv.as_ptr().add(r * t * 3 * c + hi * hs);
-                // att (t, len) = q · kᵀ · scale (the masked part of each row is zeroed below).
-                head_product(
-                    kernels,
-                    (t, len, hs),
-                    (att.as_mut_ptr(), len),
-                    Mat::row_major(q, 3 * c),
-                    Mat::transposed(k, pos),
-                    scale,
-                );
+                // att (t, len) = q · kᵀ · scale, by blocks of rows, each up to the keys its last
+                // row sees (the rest of each row is masked: zeroed below).
+                for &(i0, i1) in &blocks_n {
+                    head_product(
+                        kernels,
+                        (i1 - i0, pos0 + i1, hs),
+                        (att.as_mut_ptr().add(i0 * len), len),
+                        Mat::row_major(q.add(i0 * 3 * c), 3 * c),
+                        Mat::transposed(k, pos),
+                        scale,
+                    );
+                }
                 for i in 0..t {
                     let row = &mut att[i * len..(i + 1) * len];
                     let visible = pos0 + i + 1;
@@ -192,22 +221,47 @@ pub unsafe fn attention(
                     row[..visible].iter_mut().for_each(|x| *x *= inv);
                     row[visible..].iter_mut().for_each(|x| *x = 0.0);
                 }
-                // out (t, hs) = att · v.
+                // out (t, hs) = att · v, by the same blocks, each over the keys it sees (the terms
+                // left out are zeros at the end of each sum).
                 let o = out_p.ptr().add(r * t * c + hi * hs);
-                head_product(
-                    kernels,
-                    (t, hs, len),
-                    (o, c),
-                    Mat::row_major(att.as_ptr(), len),
-                    Mat::row_major(v, pos),
-                    1.0,
-                );
+                for &(i0, i1) in &blocks_k {
+                    head_product(
+                        kernels,
+                        (i1 - i0, hs, pos0 + i1),
+                        (o.add(i0 * c), c),
+                        Mat::row_major(att.as_ptr().add(i0 * len), len),
+                        Mat::row_major(v, pos),
+                        1.0,
+                    );
+                }
             }
         },
     );
 }
 
 use crate::kernels::{matmul, matmul_rhs, Lhs, Rhs};
+
+/// Query rows per block of attention's causal products: 64 for those whose columns are keys
+/// (q·kᵀ, d out·vᵀ, whose operand gemm packs transposed), 32 for those that sum over keys
+/// (att·v and the three backward ones like it). The fastest sizes for each at T = 128 on one core
+/// of an AMD EPYC Zen 5.
+const CAUSAL_BLOCKS: (usize, usize) = (64, 32);
+
+/// The t query rows of attention (keys 0..len) as blocks (first, end) of `size` rows for its
+/// products: under the causal mask a block needs only the keys up to its last row's, so blocks
+/// skip the masked products; the terms left out are exact zeros at one end of each sum. The last
+/// block takes in a remainder (so that none is short), and there is one block (every product
+/// whole) unless `blocked`, t ≥ 2 blocks, 2 < hs and len ≤ 512. In those bounds each of gemm's
+/// outputs is one chain of fused multiply-adds in the order of k, whatever the block, so blocking
+/// keeps the bits; outside them gemm picks other kernels for short or thin blocks, or splits k in
+/// chunks of 512, which changes them.
+fn causal_blocks(blocked: bool, size: usize, t: usize, len: usize, hs: usize) -> Vec<(usize, usize)> {
+    if !blocked || t < 2 * size || hs <= 2 || len > 512 {
+        return vec![(0, t)];
+    }
+    let n = t / size;
+    (0..n).map(|b| (b * size, if b + 1 == n { t } else { (b + 1) * size })).collect()
+}
 
 /// One of attention's small products, in f32 on the calling thread (the tasks are the heads):
 /// dst (m × n, rows `dst_row` apart) = scale · lhs (m × k) · rhs (k × n).
@@ -910,7 +964,28 @@ pub fn attention_backward(
     c: usize,
     h: usize,
 ) {
+    attention_backward_on(kernels, true, dqkv, datt, dout, qkv, att, b, t, c, h)
+}
+
+/// [`attention_backward`], its products in causal blocks when `blocked` (as [`attention_on`]).
+#[allow(clippy::too_many_arguments)]
+fn attention_backward_on(
+    kernels: Kernels,
+    blocked: bool,
+    dqkv: &mut [f32],
+    datt: &mut [f32],
+    dout: &[f32],
+    qkv: &[f32],
+    att: &[f32],
+    b: usize,
+    t: usize,
+    c: usize,
+    h: usize,
+) {
     let hs = c / h;
+    let (keys, sums) = CAUSAL_BLOCKS;
+    let (blocks_n, blocks_k) =
+        (causal_blocks(blocked, keys, t, t, hs), causal_blocks(blocked, sums, t, t, hs));
     assert_eq!(datt.len(), b * h * t * t);
     let scale = 1.0 / (hs as f32).sqrt();
     let dq_p = SendPtr(dqkv.as_mut_ptr());
@@ -926,24 +1001,30 @@ pub fn attention_backward(
             let d_o = dout.as_ptr().add(bi * t * c + hi * hs);
             let db = dq_p.ptr().add(bi * t * 3 * c);
             let (dq, dk, dv) = (db.add(hi * hs), db.add(c + hi * hs), db.add(2 * c + hi * hs));
-            // datt (T, T) = dout · vᵀ, on and below the diagonal (the rest is zeroed below).
-            head_product(
-                kernels,
-                (t, t, hs),
-                (da.as_mut_ptr(), t),
-                Mat::row_major(d_o, c),
-                Mat::transposed(v, 3 * c),
-                1.0,
-            );
-            // dv (T, hs) = attᵀ · dout: row j from the queries i ≥ j.
-            head_product(
-                kernels,
-                (t, hs, t),
-                (dv, 3 * c),
-                Mat::transposed(a.as_ptr(), t),
-                Mat::row_major(d_o, c),
-                1.0,
-            );
+            // Each product by blocks of rows, leaving out what the causal mask makes zero: the
+            // terms left out are zeros at the start or the end of each sum.
+            for &(i0, i1) in &blocks_n {
+                // datt (T, T) = dout · vᵀ, on and below the diagonal (the rest is zeroed below).
+                head_product(
+                    kernels,
+                    (i1 - i0, i1, hs),
+                    (da.as_mut_ptr().add(i0 * t), t),
+                    Mat::row_major(d_o.add(i0 * c), c),
+                    Mat::transposed(v, 3 * c),
+                    1.0,
+                );
+            }
+            for &(i0, i1) in &blocks_k {
+                // dv (T, hs) = attᵀ · dout: row j from the queries i ≥ j.
+                head_product(
+                    kernels,
+                    (i1 - i0, hs, t - i0),
+                    (dv.add(i0 * 3 * c), 3 * c),
+                    Mat::transposed(a.as_ptr().add(i0 * t + i0), t),
+                    Mat::row_major(d_o.add(i0 * c), c),
+                    1.0,
+                );
+            }
             // Softmax backward, in place: dpre = att ⊙ (datt − Σ att·datt), zero above the diagonal.
             for t1 in 0..t {
                 let (ar, dr) = (&a[t1 * t..(t1 + 1) * t], &mut da[t1 * t..(t1 + 1) * t]);
@@ -953,24 +1034,26 @@ pub fn attention_backward(
                 }
                 dr[t1 + 1..].iter_mut().for_each(|x| *x = 0.0);
             }
-            // dq (T, hs) = dpre · k · scale: row i from the keys j ≤ i.
-            head_product(
-                kernels,
-                (t, hs, t),
-                (dq, 3 * c),
-                Mat::row_major(da.as_ptr(), t),
-                Mat::row_major(k, 3 * c),
-                scale,
-            );
-            // dk (T, hs) = dpreᵀ · q · scale: row j from the queries i ≥ j.
-            head_product(
-                kernels,
-                (t, hs, t),
-                (dk, 3 * c),
-                Mat::transposed(da.as_ptr(), t),
-                Mat::row_major(q, 3 * c),
-                scale,
-            );
+            for &(i0, i1) in &blocks_k {
+                // dq (T, hs) = dpre · k · scale: row i from the keys j ≤ i.
+                head_product(
+                    kernels,
+                    (i1 - i0, hs, i1),
+                    (dq.add(i0 * 3 * c), 3 * c),
+                    Mat::row_major(da.as_ptr().add(i0 * t), t),
+                    Mat::row_major(k, 3 * c),
+                    scale,
+                );
+                // dk (T, hs) = dpreᵀ · q · scale: row j from the queries i ≥ j.
+                head_product(
+                    kernels,
+                    (i1 - i0, hs, t - i0),
+                    (dk.add(i0 * 3 * c), 3 * c),
+                    Mat::transposed(da.as_ptr().add(i0 * t + i0), t),
+                    Mat::row_major(q.add(i0 * 3 * c), 3 * c),
+                    scale,
+                );
+            }
         }
     });
 }
@@ -978,6 +1061,7 @@ pub fn attention_backward(
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::kernels::Fp32Kernel;
 
     #[test]
     fn fast_exp_and_tanh_are_accurate() {
@@ -1113,6 +1197,117 @@ mod tests {
                 let bits = |v: &[f32]| v.iter().map(|x| x.to_bits()).collect::<Vec<_>>();
                 assert_eq!(bits(&db), bits(&want_b), "d bias, {rows} × {c}, {threads} threads");
                 assert_eq!(bits(&dw), bits(&want_w), "d weight, {rows} × {c}, {threads} threads");
+            }
+        }
+    }
+
+    /// Attention's products in causal blocks give the bits of the whole products, forward (with
+    /// the probabilities from position 0, and without them after a prefix of keys, as a prefill
+    /// does) and backward, for every length up to 260 (head size 16), lengths around the block
+    /// edges at head size 64, up to 512 keys and past them, on each fp32 kernel this CPU has
+    /// (the portable one on any). Any block that left out a key it sees, or took in a masked
+    /// one as other than a zero at one end of a sum, changes bits here.
+    #[test]
+    fn causal_blocks_give_the_bits_of_whole_products() {
+        assert_eq!(causal_blocks(true, 32, 100, 100, 64), [(0, 32), (32, 64), (64, 100)]);
+        assert_eq!(causal_blocks(true, 32, 128, 128, 64), [(0, 32), (32, 64), (64, 96), (96, 128)]);
+        assert_eq!(causal_blocks(true, 64, 191, 191, 64), [(0, 64), (64, 191)]);
+        assert_eq!(causal_blocks(true, 32, 63, 63, 64), [(0, 63)]);
+        assert_eq!(causal_blocks(true, 32, 100, 513, 64), [(0, 100)]);
+        assert_eq!(causal_blocks(true, 32, 100, 100, 2), [(0, 100)]);
+        assert_eq!(causal_blocks(false, 32, 128, 128, 64), [(0, 128)]);
+        let mut state = 11u64;
+        let mut next = move || {
+            state = state.wrapping_mul(6364136223846793005).wrapping_add(1442695040888963407);
+            (state >> 40) as f32 / (1u64 << 23) as f32 - 1.0
+        };
+        let same = |got: &[f32], want: &[f32], what: &str| {
+            let first = got.iter().zip(want).position(|(a, b)| a.to_bits() != b.to_bits());
+            assert!(first.is_none(), "{what}: entry {first:?} differs");
+        };
+        let mut kernels = vec![("portable", Kernels::portable())];
+        for cap in ["avx2", "avx512"] {
+            let k = Kernels::parse(cap).unwrap();
+            let want = if cap == "avx2" { Fp32Kernel::Avx2 } else { Fp32Kernel::Avx512 };
+            if k.fp32() == want {
+                kernels.push((cap, k));
+            } else {
+                println!("skipped: causal blocks on {cap}: this CPU has {}", k.describe());
+            }
+        }
+        let short: Vec<usize> = (1..=260).collect();
+        let long =
+            [64, 65, 66, 67, 70, 95, 96, 97, 98, 127, 128, 129, 130, 161, 191, 192, 193, 256, 257, 512, 530];
+        let (rows, h) = (2, 2);
+        for (name, kernels) in kernels {
+            for (hs, lengths) in [(16, &short[..]), (64, &long[..])] {
+                let c = h * hs;
+                for &t in lengths {
+                    let qkv: Vec<f32> = (0..rows * t * 3 * c).map(|_| 2.0 * next()).collect();
+                    let dout: Vec<f32> = (0..rows * t * c).map(|_| next()).collect();
+                    let kv = KvLayout {
+                        k: qkv[c..].as_ptr(),
+                        v: qkv[2 * c..].as_ptr(),
+                        seq: t * 3 * c,
+                        head: hs,
+                        pos: 3 * c,
+                    };
+                    let mut out = [vec![f32::NAN; rows * t * c], vec![f32::NAN; rows * t * c]];
+                    let mut probs = [vec![f32::NAN; rows * h * t * t], vec![f32::NAN; rows * h * t * t]];
+                    let mut dqkv = [vec![f32::NAN; qkv.len()], vec![f32::NAN; qkv.len()]];
+                    let mut datt = [vec![f32::NAN; rows * h * t * t], vec![f32::NAN; rows * h * t * t]];
+                    for (i, blocked) in [false, true].into_iter().enumerate() {
+                        // SAFETY: kv is the k and v columns of qkv, (rows·t, 3C), which outlives the call.
+                        unsafe {
+                            let p = Some(&mut probs[i][..]);
+                            attention_on(kernels, blocked, &mut out[i], p, &qkv, kv, rows, t, 0, c, h)
+                        };
+                        let (dq, da) = (&mut dqkv[i], &mut datt[i]);
+                        attention_backward_on(
+                            kernels, blocked, dq, da, &dout, &qkv, &probs[i], rows, t, c, h,
+                        );
+                    }
+                    let at = format!("{name}, hs {hs}, t {t}");
+                    same(&out[1], &out[0], &format!("forward, {at}"));
+                    same(&probs[1], &probs[0], &format!("probabilities, {at}"));
+                    same(&dqkv[1], &dqkv[0], &format!("d qkv, {at}"));
+                    same(&datt[1], &datt[0], &format!("d att, {at}"));
+                    assert!(out[0].iter().chain(&dqkv[0]).all(|x| x.is_finite()), "all written, {at}");
+                }
+                // A prefill: t queries after a prefix of pos0 keys, the keys and values of all
+                // pos0 + t positions in a separate (rows, len, 3C) buffer.
+                for (pos0, t) in [
+                    (5, 64),
+                    (5, 100),
+                    (40, 70),
+                    (100, 113),
+                    (3, 128),
+                    (7, 129),
+                    (10, 200),
+                    (400, 112),
+                    (450, 100),
+                ] {
+                    let len = pos0 + t;
+                    let qkv: Vec<f32> = (0..rows * t * 3 * c).map(|_| 2.0 * next()).collect();
+                    let cache: Vec<f32> = (0..rows * len * 3 * c).map(|_| 2.0 * next()).collect();
+                    let kv = KvLayout {
+                        k: cache[c..].as_ptr(),
+                        v: cache[2 * c..].as_ptr(),
+                        seq: len * 3 * c,
+                        head: hs,
+                        pos: 3 * c,
+                    };
+                    let mut out = [vec![f32::NAN; rows * t * c], vec![f32::NAN; rows * t * c]];
+                    for (i, blocked) in [false, true].into_iter().enumerate() {
+                        // SAFETY: kv is the k and v columns of cache, rows sequences of len positions.
+                        unsafe {
+                            attention_on(kernels, blocked, &mut out[i], None, &qkv, kv, rows, t, pos0, c, h)
+                        };
+                    }
+                    let at = format!("{name}, hs {hs}, pos0 {pos0}, t {t}");
+                    same(&out[1], &out[0], &format!("prefill, {at}"));
+                    assert!(out[0].iter().all(|x| x.is_finite()), "all written, {at}");
+                }
             }
         }
     }
