@@ -188,7 +188,6 @@ struct Acts {
     d_c: Vec<f32>,   // (BT, C)
     d_4c: Vec<f32>,  // (BT, 4C)
     d_3c: Vec<f32>,  // (BT, 3C)
-    d_att: Vec<f32>, // (B, H, T, T)
 }
 
 impl Acts {
@@ -211,7 +210,6 @@ impl Acts {
             d_c: z(bt * c),
             d_4c: z(bt * 4 * c),
             d_3c: z(bt * 3 * c),
-            d_att: z(b * h * t * t),
         }
     }
 
@@ -392,7 +390,7 @@ fn backward(
             c,
             c,
         );
-        attention_backward(cp.kernels, &mut a.d_3c, &mut a.d_att, &a.d_c, &lq.qkv, &lr.att, b, t, c, h);
+        attention_backward(cp.kernels, &mut a.d_3c, &a.d_c, &lq.qkv, &lr.att, b, t, c, h);
         let (qkv, gqkv) = (&p.attn.c_attn, &mut gp.attn.c_attn);
         matmul_backward(
             cp,

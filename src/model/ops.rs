@@ -1072,12 +1072,12 @@ impl SendPtr {
 }
 
 /// Backward of [`attention`] over a whole sequence (pos0 = 0, keys and values in qkv): fills
-/// d qkv (B, T, 3C) from d out (B, T, C) and the saved probabilities `att` (B, H, T, T).
+/// d qkv (B, T, 3C) from d out (B, T, C) and the saved probabilities `att` (B, H, T, T). Each
+/// head's d att (T, T) goes through one scratch block per thread, which stays in cache.
 #[allow(clippy::too_many_arguments)]
 pub fn attention_backward(
     kernels: Kernels,
     dqkv: &mut [f32],
-    datt: &mut [f32],
     dout: &[f32],
     qkv: &[f32],
     att: &[f32],
@@ -1086,7 +1086,7 @@ pub fn attention_backward(
     c: usize,
     h: usize,
 ) {
-    attention_backward_on(kernels, true, dqkv, datt, dout, qkv, att, b, t, c, h)
+    attention_backward_on(kernels, true, dqkv, dout, qkv, att, b, t, c, h)
 }
 
 /// [`attention_backward`], its products in causal blocks when `blocked` (as [`attention_on`]).
@@ -1095,7 +1095,6 @@ fn attention_backward_on(
     kernels: Kernels,
     blocked: bool,
     dqkv: &mut [f32],
-    datt: &mut [f32],
     dout: &[f32],
     qkv: &[f32],
     att: &[f32],
@@ -1108,76 +1107,79 @@ fn attention_backward_on(
     let (keys, sums) = CAUSAL_BLOCKS;
     let (blocks_n, blocks_k) =
         (causal_blocks(blocked, keys, t, t, hs), causal_blocks(blocked, sums, t, t, hs));
-    assert_eq!(datt.len(), b * h * t * t);
+    assert!(dqkv.len() == b * t * 3 * c && att.len() == b * h * t * t, "attention_backward shapes");
     let scale = 1.0 / (hs as f32).sqrt();
     let dq_p = SendPtr(dqkv.as_mut_ptr());
-    datt.par_chunks_mut(t * t).enumerate().for_each(|(bh, da)| {
-        let (bi, hi) = (bh / h, bh % h);
-        let a = &att[bh * t * t..(bh + 1) * t * t];
-        let base = qkv[bi * t * 3 * c..].as_ptr();
+    (0..b * h).into_par_iter().for_each_init(
+        || vec![0f32; t * t],
+        |da, bh| {
+            let (bi, hi) = (bh / h, bh % h);
+            let a = &att[bh * t * t..(bh + 1) * t * t];
+            let base = qkv[bi * t * 3 * c..].as_ptr();
 
-        // SAFETY: reads as in attention_forward; writes go to this (bi, hi)'s q, k, v columns of
-        // dqkv, which no other task touches, and to its own datt block.
-        unsafe {
-            let (q, k, v) = (base.add(hi * hs), base.add(c + hi * hs), base.add(2 * c + hi * hs));
-            let d_o = dout.as_ptr().add(bi * t * c + hi * hs);
-            let db = dq_p.ptr().add(bi * t * 3 * c);
-            let (dq, dk, dv) = (db.add(hi * hs), db.add(c + hi * hs), db.add(2 * c + hi * hs));
-            // Each product by blocks of rows, leaving out what the causal mask makes zero: the
-            // terms left out are zeros at the start or the end of each sum.
-            for &(i0, i1) in &blocks_n {
-                // datt (T, T) = dout · vᵀ, on and below the diagonal (the rest is zeroed below).
-                head_product(
-                    kernels,
-                    (i1 - i0, i1, hs),
-                    (da.as_mut_ptr().add(i0 * t), t),
-                    Mat::row_major(d_o.add(i0 * c), c),
-                    Mat::transposed(v, 3 * c),
-                    1.0,
-                );
-            }
-            for &(i0, i1) in &blocks_k {
-                // dv (T, hs) = attᵀ · dout: row j from the queries i ≥ j.
-                head_product(
-                    kernels,
-                    (i1 - i0, hs, t - i0),
-                    (dv.add(i0 * 3 * c), 3 * c),
-                    Mat::transposed(a.as_ptr().add(i0 * t + i0), t),
-                    Mat::row_major(d_o.add(i0 * c), c),
-                    1.0,
-                );
-            }
-            // Softmax backward, in place: dpre = att ⊙ (datt − Σ att·datt), zero above the diagonal.
-            for t1 in 0..t {
-                let (ar, dr) = (&a[t1 * t..(t1 + 1) * t], &mut da[t1 * t..(t1 + 1) * t]);
-                let d = dot(&ar[..=t1], &dr[..=t1]);
-                for t2 in 0..=t1 {
-                    dr[t2] = ar[t2] * (dr[t2] - d);
+            // SAFETY: reads as in attention_forward; writes go to this (bi, hi)'s q, k, v columns of
+            // dqkv, which no other task touches, and to this thread's d att scratch.
+            unsafe {
+                let (q, k, v) = (base.add(hi * hs), base.add(c + hi * hs), base.add(2 * c + hi * hs));
+                let d_o = dout.as_ptr().add(bi * t * c + hi * hs);
+                let db = dq_p.ptr().add(bi * t * 3 * c);
+                let (dq, dk, dv) = (db.add(hi * hs), db.add(c + hi * hs), db.add(2 * c + hi * hs));
+                // Each product by blocks of rows, leaving out what the causal mask makes zero: the
+                // terms left out are zeros at the start or the end of each sum.
+                for &(i0, i1) in &blocks_n {
+                    // datt (T, T) = dout · vᵀ, on and below the diagonal (the rest is zeroed below).
+                    head_product(
+                        kernels,
+                        (i1 - i0, i1, hs),
+                        (da.as_mut_ptr().add(i0 * t), t),
+                        Mat::row_major(d_o.add(i0 * c), c),
+                        Mat::transposed(v, 3 * c),
+                        1.0,
+                    );
                 }
-                dr[t1 + 1..].iter_mut().for_each(|x| *x = 0.0);
+                for &(i0, i1) in &blocks_k {
+                    // dv (T, hs) = attᵀ · dout: row j from the queries i ≥ j.
+                    head_product(
+                        kernels,
+                        (i1 - i0, hs, t - i0),
+                        (dv.add(i0 * 3 * c), 3 * c),
+                        Mat::transposed(a.as_ptr().add(i0 * t + i0), t),
+                        Mat::row_major(d_o.add(i0 * c), c),
+                        1.0,
+                    );
+                }
+                // Softmax backward, in place: dpre = att ⊙ (datt − Σ att·datt), zero above the diagonal.
+                for t1 in 0..t {
+                    let (ar, dr) = (&a[t1 * t..(t1 + 1) * t], &mut da[t1 * t..(t1 + 1) * t]);
+                    let d = dot(&ar[..=t1], &dr[..=t1]);
+                    for t2 in 0..=t1 {
+                        dr[t2] = ar[t2] * (dr[t2] - d);
+                    }
+                    dr[t1 + 1..].iter_mut().for_each(|x| *x = 0.0);
+                }
+                for &(i0, i1) in &blocks_k {
+                    // dq (T, hs) = dpre · k · scale: row i from the keys j ≤ i.
+                    head_product(
+                        kernels,
+                        (i1 - i0, hs, i1),
+                        (dq.add(i0 * 3 * c), 3 * c),
+                        Mat::row_major(da.as_ptr().add(i0 * t), t),
+                        Mat::row_major(k, 3 * c),
+                        scale,
+                    );
+                    // dk (T, hs) = dpreᵀ · q · scale: row j from the queries i ≥ j.
+                    head_product(
+                        kernels,
+                        (i1 - i0, hs, t - i0),
+                        (dk.add(i0 * 3 * c), 3 * c),
+                        Mat::transposed(da.as_ptr().add(i0 * t + i0), t),
+                        Mat::row_major(q.add(i0 * 3 * c), 3 * c),
+                        scale,
+                    );
+                }
             }
-            for &(i0, i1) in &blocks_k {
-                // dq (T, hs) = dpre · k · scale: row i from the keys j ≤ i.
-                head_product(
-                    kernels,
-                    (i1 - i0, hs, i1),
-                    (dq.add(i0 * 3 * c), 3 * c),
-                    Mat::row_major(da.as_ptr().add(i0 * t), t),
-                    Mat::row_major(k, 3 * c),
-                    scale,
-                );
-                // dk (T, hs) = dpreᵀ · q · scale: row j from the queries i ≥ j.
-                head_product(
-                    kernels,
-                    (i1 - i0, hs, t - i0),
-                    (dk.add(i0 * 3 * c), 3 * c),
-                    Mat::transposed(da.as_ptr().add(i0 * t + i0), t),
-                    Mat::row_major(q.add(i0 * 3 * c), 3 * c),
-                    scale,
-                );
-            }
-        }
-    });
+        },
+    );
 }
 
 #[cfg(test)]
@@ -1377,23 +1379,29 @@ mod tests {
                     let mut out = [vec![f32::NAN; rows * t * c], vec![f32::NAN; rows * t * c]];
                     let mut probs = [vec![f32::NAN; rows * h * t * t], vec![f32::NAN; rows * h * t * t]];
                     let mut dqkv = [vec![f32::NAN; qkv.len()], vec![f32::NAN; qkv.len()]];
-                    let mut datt = [vec![f32::NAN; rows * h * t * t], vec![f32::NAN; rows * h * t * t]];
                     for (i, blocked) in [false, true].into_iter().enumerate() {
                         // SAFETY: kv is the k and v columns of qkv, (rows·t, 3C), which outlives the call.
                         unsafe {
                             let p = Some(&mut probs[i][..]);
                             attention_on(kernels, blocked, &mut out[i], p, &qkv, kv, rows, t, 0, c, h)
                         };
-                        let (dq, da) = (&mut dqkv[i], &mut datt[i]);
                         attention_backward_on(
-                            kernels, blocked, dq, da, &dout, &qkv, &probs[i], rows, t, c, h,
+                            kernels,
+                            blocked,
+                            &mut dqkv[i],
+                            &dout,
+                            &qkv,
+                            &probs[i],
+                            rows,
+                            t,
+                            c,
+                            h,
                         );
                     }
                     let at = format!("{name}, hs {hs}, t {t}");
                     same(&out[1], &out[0], &format!("forward, {at}"));
                     same(&probs[1], &probs[0], &format!("probabilities, {at}"));
                     same(&dqkv[1], &dqkv[0], &format!("d qkv, {at}"));
-                    same(&datt[1], &datt[0], &format!("d att, {at}"));
                     assert!(out[0].iter().chain(&dqkv[0]).all(|x| x.is_finite()), "all written, {at}");
                 }
                 // A prefill: t queries after a prefix of pos0 keys, the keys and values of all
