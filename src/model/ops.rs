@@ -210,16 +210,8 @@ unsafe fn attention_on(
                         scale,
                     );
                 }
-                for i in 0..t {
-                    let row = &mut att[i * len..(i + 1) * len];
-                    let visible = pos0 + i + 1;
-                    let m = max(&row[..visible]);
-                    for x in &mut row[..visible] {
-                        *x = fast_exp(*x - m);
-                    }
-                    let inv = 1.0 / sum(&row[..visible]);
-                    row[..visible].iter_mut().for_each(|x| *x *= inv);
-                    row[visible..].iter_mut().for_each(|x| *x = 0.0);
+                for (i, row) in att.chunks_mut(len).enumerate() {
+                    causal_softmax(row, pos0 + i + 1);
                 }
                 // out (t, hs) = att · v, by the same blocks, each over the keys it sees (the terms
                 // left out are zeros at the end of each sum).
@@ -240,6 +232,17 @@ unsafe fn attention_on(
 }
 
 use crate::kernels::{matmul, matmul_rhs, Lhs, Rhs};
+
+/// Softmax of the first `visible` entries of an attention row, in place; the rest (masked) zero.
+fn causal_softmax(row: &mut [f32], visible: usize) {
+    let m = max(&row[..visible]);
+    for x in &mut row[..visible] {
+        *x = fast_exp(*x - m);
+    }
+    let inv = 1.0 / sum(&row[..visible]);
+    row[..visible].iter_mut().for_each(|x| *x *= inv);
+    row[visible..].iter_mut().for_each(|x| *x = 0.0);
+}
 
 /// Query rows per block of attention's causal products: 64 for those whose columns are keys
 /// (q·kᵀ, d out·vᵀ, whose operand gemm packs transposed), 32 for those that sum over keys
@@ -1440,6 +1443,111 @@ mod tests {
                 }
             }
         }
+    }
+
+    /// Nanoseconds per entry of the AVX-512 exp and GELU loops on a 4,096-entry row in L1, one
+    /// thread. A benchmark, not a check: `cargo test --release --lib exp_loops_speed -- --ignored
+    /// --nocapture`.
+    #[test]
+    #[ignore]
+    #[cfg(target_arch = "x86_64")]
+    fn exp_loops_speed() {
+        if !std::arch::is_x86_feature_detected!("avx512f") {
+            println!("skipped: this CPU has no AVX-512F");
+            return;
+        }
+        let (n, reps) = (4096usize, 20_000usize);
+        let x: Vec<f32> = (0..n).map(|i| ((i % 1000) as f32 - 500.0) * 0.01).collect();
+        let mut y = x.clone();
+        let mut time = |name: &str, f: &mut dyn FnMut(&mut [f32])| {
+            let start = std::time::Instant::now();
+            for _ in 0..reps {
+                y.copy_from_slice(&x);
+                f(&mut y);
+                std::hint::black_box(&mut y);
+            }
+            let ns = start.elapsed().as_secs_f64() / (n * reps) as f64 * 1e9;
+            println!("{name}: {ns:.3} ns per entry (with the row's copy)");
+        };
+        // SAFETY (both): the CPU has AVX-512F (checked); y and x have the same length.
+        time("gelu16", &mut |y| unsafe {
+            wide::gelu16(y, &x);
+        });
+        time("gelu_grad16_mul", &mut |y| unsafe {
+            wide::gelu_grad16_mul(y, &x);
+        });
+        time("exp_sum_in_place", &mut |y| {
+            exp_sum_in_place_on(true, y, 5.0, 1.0);
+        });
+        time("copy alone", &mut |_| ());
+    }
+
+    /// How long each of attention's small products takes in causal blocks of 128 (whole), 64 and
+    /// 32 query rows at config A's head shape (T = 128, hs = 64), and the softmax passes, on one
+    /// thread: what [`CAUSAL_BLOCKS`] was chosen from. A benchmark, not a check:
+    /// `cargo test --release --lib attention_block_speed -- --ignored --nocapture`.
+    #[test]
+    #[ignore]
+    fn attention_block_speed() {
+        let kernels = Kernels::from_env().expect("COLLAPSE_LAB_KERNELS");
+        let (t, hs, c, reps) = (128usize, 64usize, 256usize, 2000);
+        let qkv: Vec<f32> = (0..t * 3 * c).map(|i| ((i * 7919 % 1000) as f32 - 500.0) * 0.001).collect();
+        let (mut att, mut o) = (vec![0f32; t * t], vec![0f32; t * c]);
+        let time = |f: &mut dyn FnMut()| {
+            let start = std::time::Instant::now();
+            for _ in 0..reps {
+                f();
+            }
+            start.elapsed().as_secs_f64() / reps as f64 * 1e6
+        };
+        println!("{}; T {t}, hs {hs}; µs per head, one thread", kernels.describe());
+        let (q, k) = (qkv.as_ptr(), qkv[c..].as_ptr());
+        for size in [128, 64, 32] {
+            let blocks = causal_blocks(true, size, t, t, hs);
+            // SAFETY (all three): the operands are inside qkv, att and o at these strides.
+            let keys = time(&mut || {
+                for &(i0, i1) in &blocks {
+                    let lhs = Mat::row_major(unsafe { q.add(i0 * 3 * c) }, 3 * c);
+                    let dst = unsafe { att.as_mut_ptr().add(i0 * t) };
+                    unsafe {
+                        head_product(
+                            kernels,
+                            (i1 - i0, i1, hs),
+                            (dst, t),
+                            lhs,
+                            Mat::transposed(k, 3 * c),
+                            0.1,
+                        )
+                    };
+                }
+            });
+            let sums = time(&mut || {
+                for &(i0, i1) in &blocks {
+                    let lhs = Mat::row_major(unsafe { att.as_ptr().add(i0 * t) }, t);
+                    let dst = unsafe { o.as_mut_ptr().add(i0 * c) };
+                    unsafe {
+                        head_product(kernels, (i1 - i0, hs, i1), (dst, c), lhs, Mat::row_major(k, 3 * c), 1.0)
+                    };
+                }
+            });
+            let sums_t = time(&mut || {
+                for &(i0, i1) in &blocks {
+                    let lhs = Mat::transposed(unsafe { att.as_ptr().add(i0 * t + i0) }, t);
+                    let (dst, rhs) =
+                        unsafe { (o.as_mut_ptr().add(i0 * c), Mat::row_major(q.add(i0 * 3 * c), 3 * c)) };
+                    unsafe { head_product(kernels, (i1 - i0, hs, t - i0), (dst, c), lhs, rhs, 1.0) };
+                }
+            });
+            println!(
+                "blocks of {size}: q·kᵀ-like {keys:.2}, att·v-like {sums:.2}, attᵀ·d out-like {sums_t:.2}"
+            );
+        }
+        let softmax = time(&mut || {
+            for (i, row) in att.chunks_mut(t).enumerate() {
+                causal_softmax(row, i + 1);
+            }
+        });
+        println!("causal softmax of the {t} rows: {softmax:.2}");
     }
 
     /// The linear layer gives the same numbers (to f32 rounding) through packed weights (few rows)
