@@ -13,9 +13,9 @@
 //! Shapes: B batch (rows), T time, C channels, H heads, hs = C / H, V vocabulary, BT = B·T rows.
 
 use super::ops::{
-    add, attention, attention_backward, gelu_backward, gelu_forward, last_rows, layernorm_backward,
-    layernorm_forward, linear, matmul_backward, matmul_backward_lhs, matmul_forward_with, max, Compute,
-    KvLayout, WeightRhs,
+    add, attention, attention_backward, embedding_backward, gelu_backward, gelu_forward, last_rows,
+    layernorm_backward, layernorm_forward, linear, matmul_backward, matmul_backward_lhs, matmul_forward_with,
+    max, Compute, KvLayout, WeightRhs,
 };
 use super::{describe, flat_layout, split, split_mut, Block, ModelConfig, Params, Weights};
 use crate::kernels::{Lhs, PackedWeights, Rhs};
@@ -408,13 +408,7 @@ fn backward(
         let (m1, r1) = (&lq.ln1_mean, &lq.ln1_rstd);
         layernorm_backward(&mut a.d_res, gln1.weight, gln1.bias, &a.d_c, input, ln1.weight, m1, r1, c);
     }
-    // Embeddings.
-    for (row, d) in a.d_res.chunks(c).enumerate() {
-        let tok = inputs[row] as usize;
-        let pos = row % t;
-        g.wte[tok * c..(tok + 1) * c].iter_mut().zip(d).for_each(|(g, d)| *g += d);
-        g.wpe[pos * c..(pos + 1) * c].iter_mut().zip(d).for_each(|(g, d)| *g += d);
-    }
+    embedding_backward(g.wte, g.wpe, &a.d_res, inputs, t, c);
 }
 
 /// A model's weights in one flat buffer laid out by the description.
