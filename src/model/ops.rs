@@ -537,7 +537,7 @@ fn column_sums<const N: usize>(
 }
 
 /// Backward of the token and position embeddings: for each row r of d x (B·T rows of c, in
-/// order), d wte[inputs[r]] += d x[r] and d wpe[r mod t] += d x[r]. In parallel over ranges of
+/// order), `d wte[inputs[r]] += d x[r]` and `d wpe[r mod t] += d x[r]`. In parallel over ranges of
 /// columns, each range's rows in order (a token's row gets its terms in row order whatever the
 /// threads): the sums of the plain loop.
 pub fn embedding_backward(
