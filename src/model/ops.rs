@@ -254,12 +254,14 @@ const CAUSAL_BLOCKS: (usize, usize) = (64, 32);
 /// products: under the causal mask a block needs only the keys up to its last row's, so blocks
 /// skip the masked products; the terms left out are exact zeros at one end of each sum. The last
 /// block takes in a remainder (so that none is short), and there is one block (every product
-/// whole) unless `blocked`, t ≥ 2 blocks, 2 < hs and len ≤ 512. In those bounds each of gemm's
-/// outputs is one chain of fused multiply-adds in the order of k, whatever the block, so blocking
-/// keeps the bits; outside them gemm picks other kernels for short or thin blocks, or splits k in
-/// chunks of 512, which changes them.
+/// whole) unless `blocked`, t ≥ 2 blocks, 2 < hs ≤ 512 and len ≤ 512. In those bounds each of
+/// gemm's outputs is one chain of fused multiply-adds in the order of k (k being hs or a number of
+/// keys), whatever the block, so blocking keeps the bits (for finite inputs: a masked zero times
+/// an infinite or NaN operand is NaN in the whole product, and left out of the block's); outside
+/// them gemm picks other kernels for short or thin blocks, or splits k in chunks that depend on
+/// the block's shape, which changes them.
 fn causal_blocks(blocked: bool, size: usize, t: usize, len: usize, hs: usize) -> Vec<(usize, usize)> {
-    if !blocked || t < 2 * size || hs <= 2 || len > 512 {
+    if !blocked || t < 2 * size || hs <= 2 || hs > 512 || len > 512 {
         return vec![(0, t)];
     }
     let n = t / size;
@@ -1154,7 +1156,8 @@ fn attention_backward_on(
     let (keys, sums) = CAUSAL_BLOCKS;
     let (blocks_n, blocks_k) =
         (causal_blocks(blocked, keys, t, t, hs), causal_blocks(blocked, sums, t, t, hs));
-    assert!(dqkv.len() == b * t * 3 * c && att.len() == b * h * t * t, "attention_backward shapes");
+    assert!(dqkv.len() == b * t * 3 * c && qkv.len() == b * t * 3 * c, "attention_backward shapes");
+    assert!(dout.len() == b * t * c && att.len() == b * h * t * t, "attention_backward shapes");
     let scale = 1.0 / (hs as f32).sqrt();
     let dq_p = SendPtr(dqkv.as_mut_ptr());
     (0..b * h).into_par_iter().for_each_init(
@@ -1164,8 +1167,9 @@ fn attention_backward_on(
             let a = &att[bh * t * t..(bh + 1) * t * t];
             let base = qkv[bi * t * 3 * c..].as_ptr();
 
-            // SAFETY: reads as in attention_forward; writes go to this (bi, hi)'s q, k, v columns of
-            // dqkv, which no other task touches, and to this thread's d att scratch.
+            // SAFETY: q, k, v, d out and att are read inside their (asserted) shapes; writes go to
+            // this (bi, hi)'s q, k, v columns of dqkv, which no other task touches, and to this
+            // thread's d att scratch.
             unsafe {
                 let (q, k, v) = (base.add(hi * hs), base.add(c + hi * hs), base.add(2 * c + hi * hs));
                 let d_o = dout.as_ptr().add(bi * t * c + hi * hs);
@@ -1375,9 +1379,10 @@ mod tests {
     /// Attention's products in causal blocks give the bits of the whole products, forward (with
     /// the probabilities from position 0, and without them after a prefix of keys, as a prefill
     /// does) and backward, for every length up to 260 (head size 16), lengths around the block
-    /// edges at head size 64, up to 512 keys and past them, on each fp32 kernel this CPU has
-    /// (the portable one on any). Any block that left out a key it sees, or took in a masked
-    /// one as other than a zero at one end of a sum, changes bits here.
+    /// edges at head size 64, up to 512 keys and past them, head sizes 128, 512 and 768 (past 512
+    /// gemm would split the sums of a 64 × 64 block and of the whole product differently), on
+    /// each fp32 kernel this CPU has (the portable one on any). Any block that left out a key it
+    /// sees, or took in a masked one as other than a zero at one end of a sum, changes bits here.
     #[test]
     fn causal_blocks_give_the_bits_of_whole_products() {
         assert_eq!(causal_blocks(true, 32, 100, 100, 64), [(0, 32), (32, 64), (64, 100)]);
@@ -1386,6 +1391,7 @@ mod tests {
         assert_eq!(causal_blocks(true, 32, 63, 63, 64), [(0, 63)]);
         assert_eq!(causal_blocks(true, 32, 100, 513, 64), [(0, 100)]);
         assert_eq!(causal_blocks(true, 32, 100, 100, 2), [(0, 100)]);
+        assert_eq!(causal_blocks(true, 32, 100, 100, 513), [(0, 100)]);
         assert_eq!(causal_blocks(false, 32, 128, 128, 64), [(0, 128)]);
         let mut state = 11u64;
         let mut next = move || {
@@ -1411,7 +1417,9 @@ mod tests {
             [64, 65, 66, 67, 70, 95, 96, 97, 98, 127, 128, 129, 130, 161, 191, 192, 193, 256, 257, 512, 530];
         let (rows, h) = (2, 2);
         for (name, kernels) in kernels {
-            for (hs, lengths) in [(16, &short[..]), (64, &long[..])] {
+            for (hs, lengths) in
+                [(16, &short[..]), (64, &long[..]), (128, &[128, 130]), (512, &[128]), (768, &[128, 192])]
+            {
                 let c = h * hs;
                 for &t in lengths {
                     let qkv: Vec<f32> = (0..rows * t * 3 * c).map(|_| 2.0 * next()).collect();
