@@ -4,6 +4,7 @@
 
 use crate::config::{Config, TrainConfig};
 use crate::model::engine::Engine;
+use crate::model::profile::{self, PhaseTime};
 use crate::model::{init_weights, n_params, ModelConfig};
 use anyhow::Result;
 use rand::{Rng, SeedableRng};
@@ -61,6 +62,10 @@ pub struct TrainBench {
     pub tokens_per_s: f64,
     pub first_loss: f64,
     pub last_loss: f64,
+    /// With `profile`: the fast engine's phases over the timed iterations (their own wall time,
+    /// summed over the iterations; [`crate::model::profile`]).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub phases: Option<Vec<PhaseTime>>,
 }
 
 fn median(mut v: Vec<f64>) -> f64 {
@@ -68,8 +73,20 @@ fn median(mut v: Vec<f64>) -> f64 {
     v[v.len() / 2]
 }
 
-/// Benchmarks the training step of the lab (the same code `train` runs).
-pub fn bench_train(shape: &BenchShape, warmup: usize, iters: usize, engine: &Engine) -> Result<TrainBench> {
+/// Benchmarks the training step of the lab (the same code `train` runs); with `profile` (the fast
+/// engine only), also times the phases of the timed steps.
+pub fn bench_train(
+    shape: &BenchShape,
+    warmup: usize,
+    iters: usize,
+    engine: &Engine,
+    profile: bool,
+) -> Result<TrainBench> {
+    if profile && engine.name() != "fast" {
+        return crate::config::usage(
+            "--profile: only the fast CPU engine's step is profiled (use --device cpu)",
+        );
+    }
     let cfg = &shape.model;
     let tc =
         TrainConfig { lr: 3e-4, weight_decay: 0.1, beta1: 0.9, beta2: 0.95, ..Config::preset("cpu")?.train };
@@ -81,6 +98,9 @@ pub fn bench_train(shape: &BenchShape, warmup: usize, iters: usize, engine: &Eng
         let data: Vec<u32> = (0..b * (t + 1)).map(|_| rng.random_range(0..cfg.vocab_size as u32)).collect();
         let x: Vec<u32> = data.chunks(t + 1).flat_map(|r| r[..t].to_vec()).collect();
         let y: Vec<u32> = data.chunks(t + 1).flat_map(|r| r[1..].to_vec()).collect();
+        if profile && i == warmup {
+            profile::start();
+        }
         let t0 = Instant::now();
         let (loss_v, _) = trainer.step(&x, &y, b, t, tc.lr, &tc)?;
         let t1 = Instant::now();
@@ -89,6 +109,7 @@ pub fn bench_train(shape: &BenchShape, warmup: usize, iters: usize, engine: &Eng
             step.push((t1 - t0).as_secs_f64());
         }
     }
+    let phases = profile.then(profile::finish);
     let median_step_s = median(step);
     Ok(TrainBench {
         shape: shape.clone(),
@@ -99,6 +120,7 @@ pub fn bench_train(shape: &BenchShape, warmup: usize, iters: usize, engine: &Eng
         tokens_per_s: (b * t) as f64 / median_step_s,
         first_loss: losses[0],
         last_loss: *losses.last().unwrap_or(&f64::NAN),
+        phases,
     })
 }
 

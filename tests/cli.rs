@@ -185,6 +185,55 @@ fn device_flag_errors_name_the_flag() {
     assert!(!out.exists(), "nothing written on a device error");
 }
 
+/// `bench --profile` times every phase of the fast engine's step: each phase once per call, nested
+/// under the phase it runs in (smoke model: 2 layers, so per step 2 attention calls and 8 linear
+/// backwards, each with its d input and d weight products; one head chunk).
+#[test]
+fn bench_profile_times_every_phase_of_the_step() {
+    let o = run(&["bench", "--config", "smoke", "--iters", "3", "--warmup", "1", "--profile", "--json"]);
+    assert!(o.status.success(), "{}", stderr(&o));
+    let text = String::from_utf8(o.stdout).unwrap();
+    let json = text.lines().find_map(|l| l.strip_prefix("RESULT ")).expect("a RESULT line");
+    let v: serde_json::Value = serde_json::from_str(json).unwrap();
+    let phases = v["phases"].as_array().expect("phases");
+    let calls = |path: &[&str]| {
+        phases.iter().find(|p| p["path"] == serde_json::json!(path)).map(|p| p["calls"].as_u64().unwrap())
+    };
+    let (iters, layers) = (3, 2);
+    for (path, per_step) in [
+        (&["zero gradients"][..], 1),
+        (&["forward", "embedding"], 1),
+        (&["forward", "layernorm"], 2 * layers + 1),
+        (&["forward", "linear", "product"], 4 * layers),
+        (&["forward", "attention"], layers),
+        (&["forward", "gelu"], layers),
+        (&["forward", "residual"], 2 * layers),
+        (&["forward", "head"], 1),
+        (&["forward", "cross-entropy"], 1),
+        (&["forward", "head backward", "d weight"], 1),
+        (&["backward", "linear backward", "d input"], 4 * layers),
+        (&["backward", "linear backward", "d weight"], 4 * layers),
+        (&["backward", "attention backward"], layers),
+        (&["backward", "layernorm backward"], 2 * layers + 1),
+        (&["backward", "embedding backward"], 1),
+        (&["gradient norm"], 1),
+        (&["AdamW"], 1),
+    ] {
+        assert_eq!(calls(path), Some(per_step * iters), "{path:?}");
+    }
+    assert!(phases.iter().all(|p| p["seconds"].as_f64().unwrap() >= 0.0));
+    // Without --json, a table: the phases indented under their parents, then the total.
+    let o = run(&["bench", "--config", "smoke", "--iters", "1", "--warmup", "0", "--profile"]);
+    assert!(o.status.success(), "{}", stderr(&o));
+    let text = String::from_utf8(o.stdout).unwrap();
+    for line in ["\n  forward ", "\n    attention ", "\n      d weight ", "\n  AdamW ", "\n  all phases "] {
+        assert!(text.contains(line), "{line:?} in\n{text}");
+    }
+    let o = run(&["bench", "--config", "smoke", "--mode", "sample", "--profile"]);
+    assert_clean_error(&o, "--profile times the training step: it needs --mode train");
+    assert_eq!(o.status.code(), Some(2), "a usage error");
+}
+
 /// `generate` continues a prompt with the same tokens as the lab's own sampler for the same seed
 /// and settings, streams one prompt's text, and writes JSONL for a file of prompts.
 #[test]

@@ -478,6 +478,9 @@ pub struct BenchArgs {
     /// The arithmetic of training's products (and of sampling's, with --mode sample)
     #[arg(long, value_enum, default_value = "fp32")]
     pub precision: crate::config::Precision,
+    /// Training: also print where the timed steps' time goes, phase by phase (the fast engine)
+    #[arg(long)]
+    pub profile: bool,
 }
 
 #[derive(Debug, Clone, Copy, clap::ValueEnum)]
@@ -907,6 +910,9 @@ fn bench(a: BenchArgs) -> Result<()> {
     if a.iters == 0 {
         return usage("--iters must be at least 1");
     }
+    if a.profile && matches!(a.mode, BenchMode::Sample) {
+        return usage("--profile times the training step: it needs --mode train");
+    }
     let engine = engine(&a.device)?.with_precision(a.precision)?;
     let shape = crate::bench::shape(&a.config)?;
     if !a.json {
@@ -914,7 +920,7 @@ fn bench(a: BenchArgs) -> Result<()> {
     }
     match a.mode {
         BenchMode::Train => {
-            let r = crate::bench::bench_train(&shape, a.warmup, a.iters, &engine)?;
+            let r = crate::bench::bench_train(&shape, a.warmup, a.iters, &engine, a.profile)?;
             if a.json {
                 println!("RESULT {}", serde_json::to_string(&r)?);
             } else {
@@ -930,6 +936,13 @@ fn bench(a: BenchArgs) -> Result<()> {
                     r.first_loss,
                     r.last_loss
                 );
+                if let Some(phases) = &r.phases {
+                    println!(
+                        "where the time goes, per step (mean of the {} timed steps; own time of each phase):",
+                        a.iters
+                    );
+                    print!("{}", crate::model::profile::table(phases, a.iters));
+                }
             }
         }
         BenchMode::Sample => {

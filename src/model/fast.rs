@@ -17,6 +17,7 @@ use super::ops::{
     layernorm_backward, layernorm_forward, linear, matmul_backward, matmul_backward_lhs, matmul_forward_with,
     max, Compute, KvLayout, WeightRhs,
 };
+use super::profile::phase;
 use super::{describe, flat_layout, split, split_mut, Block, ModelConfig, Params, Weights};
 use crate::kernels::{Lhs, PackedWeights, Rhs};
 use rayon::prelude::*;
@@ -236,7 +237,7 @@ fn forward_sequences(
 ) -> f32 {
     let (b, t, c, v, h) = (a.b, a.t, cfg.d_model, cfg.vocab_size, cfg.n_head);
     let (bt, train) = (b * t, head_grad.is_some());
-    embed(&mut a.x0, w, inputs, t, 0, c);
+    phase("embedding", || embed(&mut a.x0, w, inputs, t, 0, c));
     for l in 0..cfg.n_layer {
         let (done, rest) = a.layers.split_at_mut(l);
         let la = &mut rest[0];
@@ -270,7 +271,7 @@ fn forward_sequences(
         let rows = chunk.min(bt - r0);
         let logits = &mut a.logits[..rows * v];
         let lnf = &a.lnf[r0 * c..(r0 + rows) * c];
-        matmul_forward_with(logits, lnf, &wte_fwd, None, rows);
+        phase("head", || matmul_forward_with(logits, lnf, &wte_fwd, None, rows));
         let (tgt, losses) = (&targets[r0..r0 + rows], &mut a.losses[r0..r0 + rows]);
         if head_grad.is_none() {
             // Scoring: only −log softmax at the target, in two passes that write nothing.
@@ -299,10 +300,13 @@ fn forward_sequences(
         };
         let hb = cp.head_backward();
         // SAFETY: the logits are not written again while d_logits is used (this iteration).
-        let d_logits = unsafe { Lhs::from_rows(hb.kernels, hb.precision, (rows, v), logits, losses, ce) };
+        let d_logits = phase("cross-entropy", || unsafe {
+            Lhs::from_rows(hb.kernels, hb.precision, (rows, v), logits, losses, ce)
+        });
         if let (Some(gw), Some(wte_back)) = (head_grad.as_deref_mut(), &wte_back) {
             let d_lnf = &mut a.d_c[r0 * c..(r0 + rows) * c];
-            matmul_backward_lhs(hb, (d_lnf, gw), &d_logits, (lnf, None), wte_back, rows);
+            let backward = || matmul_backward_lhs(hb, (d_lnf, gw), &d_logits, (lnf, None), wte_back, rows);
+            phase("head backward", backward);
         }
     }
     a.losses.iter().map(|&x| x as f64).sum::<f64>() as f32 * inv_n
@@ -408,7 +412,7 @@ fn backward(
         let (m1, r1) = (&lq.ln1_mean, &lq.ln1_rstd);
         layernorm_backward(&mut a.d_res, gln1.weight, gln1.bias, &a.d_c, input, ln1.weight, m1, r1, c);
     }
-    embedding_backward(g.wte, g.wpe, &a.d_res, inputs, t, c);
+    phase("embedding backward", || embedding_backward(g.wte, g.wpe, &a.d_res, inputs, t, c));
 }
 
 /// A model's weights in one flat buffer laid out by the description.
@@ -499,10 +503,12 @@ impl Trainer {
         assert!(t <= self.cfg.ctx && inputs.len() == b * t && targets.len() == b * t);
         let acts = Acts::ensure(&mut self.acts, &self.cfg, b, t);
         let w = self.w.view();
-        self.g.fill(0.0);
+        phase("zero gradients", || self.g.fill(0.0));
         let mut g = split_mut(&self.w.layout, &mut self.g);
-        let loss = forward_sequences(self.cp, &self.cfg, &w, acts, inputs, targets, Some(&mut *g.wte));
-        backward(self.cp, &self.cfg, &w, &mut g, acts, inputs);
+        let loss = phase("forward", || {
+            forward_sequences(self.cp, &self.cfg, &w, acts, inputs, targets, Some(&mut *g.wte))
+        });
+        phase("backward", || backward(self.cp, &self.cfg, &w, &mut g, acts, inputs));
         loss
     }
 
@@ -510,54 +516,58 @@ impl Trainer {
     /// lanes each, blocks in parallel), the blocks' sums added in order, parameter by parameter;
     /// the same order whatever the threads.
     pub fn grad_norm(&self) -> f64 {
-        let block_sum = |b: &[f32]| {
-            let mut acc = [0f64; 8];
-            let chunks = b.chunks_exact(8);
-            let rest: f64 = chunks.remainder().iter().map(|&x| (x as f64) * (x as f64)).sum();
-            for c in chunks {
-                for i in 0..8 {
-                    acc[i] += (c[i] as f64) * (c[i] as f64);
+        phase("gradient norm", || {
+            let block_sum = |b: &[f32]| {
+                let mut acc = [0f64; 8];
+                let chunks = b.chunks_exact(8);
+                let rest: f64 = chunks.remainder().iter().map(|&x| (x as f64) * (x as f64)).sum();
+                for c in chunks {
+                    for i in 0..8 {
+                        acc[i] += (c[i] as f64) * (c[i] as f64);
+                    }
                 }
-            }
-            acc.iter().sum::<f64>() + rest
-        };
-        let sq: f64 = self
-            .params
-            .iter()
-            .map(|(r, _)| {
-                let blocks: Vec<f64> = self.g[r.clone()].par_chunks(4096).map(block_sum).collect();
-                blocks.iter().sum::<f64>()
-            })
-            .sum();
-        sq.sqrt()
+                acc.iter().sum::<f64>() + rest
+            };
+            let sq: f64 = self
+                .params
+                .iter()
+                .map(|(r, _)| {
+                    let blocks: Vec<f64> = self.g[r.clone()].par_chunks(4096).map(block_sum).collect();
+                    blocks.iter().sum::<f64>()
+                })
+                .sum();
+            sq.sqrt()
+        })
     }
 
     /// One AdamW update (decoupled weight decay on the parameters the description marks), gradients
     /// scaled by `grad_scale`; the same arithmetic as [`super::candle::AdamW`].
     pub fn adamw(&mut self, lr: f64, grad_scale: f64, beta1: f64, beta2: f64, weight_decay: f64) {
-        self.step += 1;
-        let (c1, c2) = (1.0 - beta1.powi(self.step), 1.0 - beta2.powi(self.step));
-        let (b1, b2, s) = (beta1 as f32, beta2 as f32, grad_scale as f32);
-        let (ic1, ic2, lr32) = ((1.0 / c1) as f32, (1.0 / c2) as f32, lr as f32);
-        for (r, decays) in &self.params {
-            let decay = if *decays { (1.0 - lr * weight_decay) as f32 } else { 1.0 };
-            let p = &mut self.w.data[r.clone()];
-            let (g, m, v) = (&self.g[r.clone()], &mut self.m[r.clone()], &mut self.v[r.clone()]);
-            p.par_chunks_mut(4096)
-                .zip(g.par_chunks(4096))
-                .zip(m.par_chunks_mut(4096))
-                .zip(v.par_chunks_mut(4096))
-                .for_each(|(((p, g), m), v)| {
-                    // Zipped, so that the loop has no bounds checks and vectorises.
-                    for (((p, &g), m), v) in p.iter_mut().zip(g).zip(m.iter_mut()).zip(v.iter_mut()) {
-                        let gi = g * s;
-                        *m = b1 * *m + (1.0 - b1) * gi;
-                        *v = b2 * *v + (1.0 - b2) * gi * gi;
-                        let update = (*m * ic1) / ((*v * ic2).sqrt() + 1e-8);
-                        *p = *p * decay - lr32 * update;
-                    }
-                });
-        }
+        phase("AdamW", || {
+            self.step += 1;
+            let (c1, c2) = (1.0 - beta1.powi(self.step), 1.0 - beta2.powi(self.step));
+            let (b1, b2, s) = (beta1 as f32, beta2 as f32, grad_scale as f32);
+            let (ic1, ic2, lr32) = ((1.0 / c1) as f32, (1.0 / c2) as f32, lr as f32);
+            for (r, decays) in &self.params {
+                let decay = if *decays { (1.0 - lr * weight_decay) as f32 } else { 1.0 };
+                let p = &mut self.w.data[r.clone()];
+                let (g, m, v) = (&self.g[r.clone()], &mut self.m[r.clone()], &mut self.v[r.clone()]);
+                p.par_chunks_mut(4096)
+                    .zip(g.par_chunks(4096))
+                    .zip(m.par_chunks_mut(4096))
+                    .zip(v.par_chunks_mut(4096))
+                    .for_each(|(((p, g), m), v)| {
+                        // Zipped, so that the loop has no bounds checks and vectorises.
+                        for (((p, &g), m), v) in p.iter_mut().zip(g).zip(m.iter_mut()).zip(v.iter_mut()) {
+                            let gi = g * s;
+                            *m = b1 * *m + (1.0 - b1) * gi;
+                            *v = b2 * *v + (1.0 - b2) * gi * gi;
+                            let update = (*m * ic1) / ((*v * ic2).sqrt() + 1e-8);
+                            *p = *p * decay - lr32 * update;
+                        }
+                    });
+            }
+        })
     }
 
     /// A scorer on the current weights (validation during training), in f32 like every measurement.

@@ -19,6 +19,7 @@ pub mod candle;
 pub mod engine;
 pub mod fast;
 pub mod ops;
+pub mod profile;
 pub mod score;
 
 pub use crate::config::ModelConfig;

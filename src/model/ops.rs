@@ -5,6 +5,7 @@
 //!
 //! Shapes: rows of activations are row-major; a weight W is (out, in) and a product is x·Wᵀ.
 
+use super::profile::phase;
 use crate::kernels::{packed_matmul, Kernels, Mat, PackedWeights, Precision};
 use rayon::prelude::*;
 
@@ -68,11 +69,11 @@ pub fn linear(
     keep: Option<&mut Option<Rhs>>,
 ) {
     let (oc, ic) = (out.len() / n_rows.max(1), inp.len() / n_rows.max(1));
-    match (packed, keep) {
+    phase("linear", || match (packed, keep) {
         (Some(p), None) if n_rows <= PACKED_MAX_ROWS => packed_matmul(out, inp, p, bias, n_rows),
         (_, Some(keep)) => *keep = matmul_forward_keep(c, out, inp, w, bias, n_rows),
         (_, None) => matmul_forward(c, out, inp, w, bias, n_rows, ic, oc),
-    }
+    })
 }
 
 /// Where an attention call finds its keys and values: position j of head hi of sequence r is at
@@ -123,7 +124,7 @@ pub unsafe fn attention(
     h: usize,
 ) {
     // SAFETY: forwarded.
-    unsafe { attention_on(kernels, true, out, probs, qkv, kv, rows, t, pos0, c, h) }
+    phase("attention", || unsafe { attention_on(kernels, true, out, probs, qkv, kv, rows, t, pos0, c, h) })
 }
 
 /// [`attention`], its products in causal blocks ([`causal_blocks`]) when `blocked`, else each
@@ -369,14 +370,16 @@ pub fn matmul_forward_keep(
 ) -> Option<Rhs> {
     let (oc, ic) = (out.len() / n_rows.max(1), inp.len() / n_rows.max(1));
     assert!(out.len() == n_rows * oc && inp.len() == n_rows * ic, "matmul_forward shapes");
-    let w = WeightRhs::forward(c, w, oc, ic);
-    // SAFETY: inp holds n_rows × ic floats and outlives `x` (the Rhs it becomes does not read
-    // them: it is packed, or not returned); out holds n_rows × oc and aliases neither operand.
-    unsafe {
-        let x = Lhs::new(c.kernels, c.precision, Mat::row_major(inp.as_ptr(), ic), n_rows, ic, true);
-        x.matmul(false, &w.rhs, out.as_mut_ptr(), oc, false, 1.0, bias, true);
-        x.into_rhs()
-    }
+    let (w, x) = phase("packing", || {
+        // SAFETY: inp holds n_rows × ic floats and outlives `x` (the Rhs it becomes does not
+        // read them: it is packed, or not returned).
+        let x =
+            unsafe { Lhs::new(c.kernels, c.precision, Mat::row_major(inp.as_ptr(), ic), n_rows, ic, true) };
+        (WeightRhs::forward(c, w, oc, ic), x)
+    });
+    // SAFETY: out holds n_rows × oc and aliases neither operand.
+    phase("product", || unsafe { x.matmul(false, &w.rhs, out.as_mut_ptr(), oc, false, 1.0, bias, true) });
+    x.into_rhs()
 }
 
 /// Given d out (n_rows, oc): d inp = d out · W (overwritten), d W += d out^T · inp, d bias += Σ d out.
@@ -395,21 +398,29 @@ pub fn matmul_backward(
     oc: usize,
 ) {
     assert!(dout.len() == n_rows * oc, "matmul_backward shapes");
-    // d out is the left operand of both products (d inp = d out · W, d W += d outᵀ · inp):
-    // prepared (in bf16: packed both ways) once.
-    if let Some(db) = dbias {
-        assert_eq!(db.len(), oc, "matmul_backward: bias gradient length");
-        // First, while d out is still in cache from whatever wrote it.
-        column_sums([db], n_rows, |i, j0, [db]| {
-            for (d, x) in db.iter_mut().zip(&dout[i * oc + j0..]) {
-                *d += x;
-            }
+    phase("linear backward", || {
+        if let Some(db) = dbias {
+            assert_eq!(db.len(), oc, "matmul_backward: bias gradient length");
+            // First, while d out is still in cache from whatever wrote it.
+            phase("bias sums", || {
+                column_sums([db], n_rows, |i, j0, [db]| {
+                    for (d, x) in db.iter_mut().zip(&dout[i * oc + j0..]) {
+                        *d += x;
+                    }
+                })
+            });
+        }
+        // d out is the left operand of both products (d inp = d out · W, d W += d outᵀ · inp):
+        // prepared (in bf16: packed both ways) once.
+        let (d_out, w) = phase("packing", || {
+            // SAFETY: dout holds n_rows × oc floats and outlives the value.
+            let d_out = unsafe {
+                Lhs::new(c.kernels, c.precision, Mat::row_major(dout.as_ptr(), oc), n_rows, oc, true)
+            };
+            (d_out, WeightRhs::backward(c, w, oc, ic))
         });
-    }
-    // SAFETY: dout holds n_rows × oc floats and outlives the value.
-    let d_out =
-        unsafe { Lhs::new(c.kernels, c.precision, Mat::row_major(dout.as_ptr(), oc), n_rows, oc, true) };
-    matmul_backward_lhs(c, (dinp, dw), &d_out, (inp, inp_rhs), &WeightRhs::backward(c, w, oc, ic), n_rows);
+        matmul_backward_lhs(c, (dinp, dw), &d_out, (inp, inp_rhs), &w, n_rows);
+    })
 }
 
 /// d inp = d out · W (overwritten) and d W += d outᵀ · inp, d out (n_rows, oc) prepared
@@ -430,8 +441,10 @@ pub fn matmul_backward_lhs(
     assert!(inp_rhs.is_none_or(|r| r.shape() == (n_rows, ic)), "matmul_backward: inp kept for another shape");
     // SAFETY: each destination is a separate buffer of the stated size; W (borrowed by `w`), d
     // out's matrix (the caller's contract with Lhs) and inp outlive the products.
-    unsafe {
-        d_out.matmul(false, &w.rhs, dinp.as_mut_ptr(), ic, false, 1.0, None, true);
+    phase("d input", || unsafe {
+        d_out.matmul(false, &w.rhs, dinp.as_mut_ptr(), ic, false, 1.0, None, true)
+    });
+    phase("d weight", || unsafe {
         let fresh;
         let inp = match inp_rhs {
             Some(kept) => kept,
@@ -441,7 +454,7 @@ pub fn matmul_backward_lhs(
             }
         };
         d_out.matmul(true, inp, dw.as_mut_ptr(), ic, true, 1.0, None, true);
-    }
+    });
 }
 
 /// Row-wise LayerNorm (eps 1e-5), keeping each row's mean and 1/std for the backward pass.
@@ -454,21 +467,24 @@ pub fn layernorm_forward(
     b: &[f32],
     c: usize,
 ) {
-    out.par_chunks_mut(c).zip(inp.par_chunks(c)).zip(mean.par_iter_mut().zip(rstd.par_iter_mut())).for_each(
-        |((o, x), (m, r))| {
-            let mu = sum(x) / c as f32;
-            for i in 0..c {
-                o[i] = x[i] - mu;
-            }
-            let var = dot(o, o) / c as f32;
-            let s = 1.0 / (var + 1e-5).sqrt();
-            for i in 0..c {
-                o[i] = o[i] * s * w[i] + b[i];
-            }
-            *m = mu;
-            *r = s;
-        },
-    );
+    phase("layernorm", || {
+        out.par_chunks_mut(c)
+            .zip(inp.par_chunks(c))
+            .zip(mean.par_iter_mut().zip(rstd.par_iter_mut()))
+            .for_each(|((o, x), (m, r))| {
+                let mu = sum(x) / c as f32;
+                for i in 0..c {
+                    o[i] = x[i] - mu;
+                }
+                let var = dot(o, o) / c as f32;
+                let s = 1.0 / (var + 1e-5).sqrt();
+                for i in 0..c {
+                    o[i] = o[i] * s * w[i] + b[i];
+                }
+                *m = mu;
+                *r = s;
+            });
+    })
 }
 
 /// LayerNorm backward: d inp += …, d w += Σ d out · x̂, d b += Σ d out.
@@ -484,31 +500,33 @@ pub fn layernorm_backward(
     rstd: &[f32],
     c: usize,
 ) {
-    let rows = dinp.par_chunks_mut(c).zip(dout.par_chunks(c)).zip(inp.par_chunks(c)).enumerate();
-    rows.for_each_init(
-        || (vec![0f32; c], vec![0f32; c]),
-        |(norm, dnorm), (row, ((di, d), x))| {
+    phase("layernorm backward", || {
+        let rows = dinp.par_chunks_mut(c).zip(dout.par_chunks(c)).zip(inp.par_chunks(c)).enumerate();
+        rows.for_each_init(
+            || (vec![0f32; c], vec![0f32; c]),
+            |(norm, dnorm), (row, ((di, d), x))| {
+                let (mu, s) = (mean[row], rstd[row]);
+                for i in 0..c {
+                    norm[i] = (x[i] - mu) * s;
+                    dnorm[i] = w[i] * d[i];
+                }
+                let dnorm_mean = sum(dnorm) / c as f32;
+                let dnorm_norm_mean = dot(dnorm, norm) / c as f32;
+                for i in 0..c {
+                    di[i] += (dnorm[i] - dnorm_mean - norm[i] * dnorm_norm_mean) * s;
+                }
+            },
+        );
+        assert!(db.len() == c && dw.len() == c, "layernorm_backward: parameter gradients of another width");
+        column_sums([db, dw], mean.len(), |row, j0, [db, dw]| {
             let (mu, s) = (mean[row], rstd[row]);
-            for i in 0..c {
-                norm[i] = (x[i] - mu) * s;
-                dnorm[i] = w[i] * d[i];
+            let (d, x) = (&dout[row * c + j0..], &inp[row * c + j0..]);
+            for (((db, dw), &d), &x) in db.iter_mut().zip(dw.iter_mut()).zip(d).zip(x) {
+                *db += d;
+                *dw += (x - mu) * s * d;
             }
-            let dnorm_mean = sum(dnorm) / c as f32;
-            let dnorm_norm_mean = dot(dnorm, norm) / c as f32;
-            for i in 0..c {
-                di[i] += (dnorm[i] - dnorm_mean - norm[i] * dnorm_norm_mean) * s;
-            }
-        },
-    );
-    assert!(db.len() == c && dw.len() == c, "layernorm_backward: parameter gradients of another width");
-    column_sums([db, dw], mean.len(), |row, j0, [db, dw]| {
-        let (mu, s) = (mean[row], rstd[row]);
-        let (d, x) = (&dout[row * c + j0..], &inp[row * c + j0..]);
-        for (((db, dw), &d), &x) in db.iter_mut().zip(dw.iter_mut()).zip(d).zip(x) {
-            *db += d;
-            *dw += (x - mu) * s * d;
-        }
-    });
+        });
+    })
 }
 
 /// acc[n][j] += Σ over rows i, in order, of row i's term n at column j, for N accumulators as
@@ -582,11 +600,14 @@ pub fn embedding_backward(
     });
 }
 
+/// out = a + b: the residual connections.
 pub fn add(out: &mut [f32], a: &[f32], b: &[f32]) {
-    out.par_chunks_mut(4096).zip(a.par_chunks(4096).zip(b.par_chunks(4096))).for_each(|(o, (a, b))| {
-        for i in 0..o.len() {
-            o[i] = a[i] + b[i];
-        }
+    phase("residual", || {
+        out.par_chunks_mut(4096).zip(a.par_chunks(4096).zip(b.par_chunks(4096))).for_each(|(o, (a, b))| {
+            for i in 0..o.len() {
+                o[i] = a[i] + b[i];
+            }
+        })
     });
 }
 
@@ -1037,7 +1058,7 @@ fn fast_tanh(u: f32) -> f32 {
 
 /// GELU, tanh approximation (candle's `gelu`, GPT-2's).
 pub fn gelu_forward(out: &mut [f32], inp: &[f32]) {
-    gelu_forward_on(wide_exp(), out, inp)
+    phase("gelu", || gelu_forward_on(wide_exp(), out, inp))
 }
 
 /// [`gelu_forward`] in its AVX-512 form (`wide`, same bits) or the portable one.
@@ -1099,7 +1120,7 @@ fn gelu_grad(v: f32) -> f32 {
 
 /// d inp = d out · gelu'(inp), in place on `d`.
 pub fn gelu_backward(d: &mut [f32], inp: &[f32]) {
-    gelu_backward_on(wide_exp(), d, inp)
+    phase("gelu backward", || gelu_backward_on(wide_exp(), d, inp))
 }
 
 /// [`gelu_backward`] in its AVX-512 form (`wide`, same bits) or the portable one.
@@ -1135,7 +1156,7 @@ pub fn attention_backward(
     c: usize,
     h: usize,
 ) {
-    attention_backward_on(kernels, true, dqkv, dout, qkv, att, b, t, c, h)
+    phase("attention backward", || attention_backward_on(kernels, true, dqkv, dout, qkv, att, b, t, c, h))
 }
 
 /// [`attention_backward`], its products in causal blocks when `blocked` (as [`attention_on`]).
