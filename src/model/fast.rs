@@ -328,12 +328,13 @@ fn backward(
     inputs: &[u32],
 ) {
     let (b, t, c, h) = (a.b, a.t, cfg.d_model, cfg.n_head);
-    let bt = b * t;
+    let (bt, blocked) = (b * t, cp.blocked_sums());
     // The LM head (tied) was differentiated with the loss: a.d_c holds d lnf, g.wte its part.
     a.d_res.fill(0.0);
     let last = &a.layers[cfg.n_layer - 1].r.res3;
     let (lf, glf) = (&w.ln_f, &mut g.ln_f);
     layernorm_backward(
+        blocked,
         &mut a.d_res,
         glf.weight,
         glf.bias,
@@ -379,7 +380,18 @@ fn backward(
         );
         let (ln2, gln2) = (&p.ln_2, &mut gp.ln_2);
         let (m2, r2) = (&lr.ln2_mean, &lr.ln2_rstd);
-        layernorm_backward(&mut a.d_res, gln2.weight, gln2.bias, &a.d_c, &lr.res2, ln2.weight, m2, r2, c);
+        layernorm_backward(
+            blocked,
+            &mut a.d_res,
+            gln2.weight,
+            gln2.bias,
+            &a.d_c,
+            &lr.res2,
+            ln2.weight,
+            m2,
+            r2,
+            c,
+        );
         // res2 = input + c_proj(attention(c_attn(ln_1(input)))): d_res is now d res2.
         let (proj, gproj) = (&p.attn.c_proj, &mut gp.attn.c_proj);
         matmul_backward(
@@ -410,7 +422,18 @@ fn backward(
         );
         let (ln1, gln1) = (&p.ln_1, &mut gp.ln_1);
         let (m1, r1) = (&lq.ln1_mean, &lq.ln1_rstd);
-        layernorm_backward(&mut a.d_res, gln1.weight, gln1.bias, &a.d_c, input, ln1.weight, m1, r1, c);
+        layernorm_backward(
+            blocked,
+            &mut a.d_res,
+            gln1.weight,
+            gln1.bias,
+            &a.d_c,
+            input,
+            ln1.weight,
+            m1,
+            r1,
+            c,
+        );
     }
     phase("embedding backward", || embedding_backward(g.wte, g.wpe, &a.d_res, inputs, t, c));
 }

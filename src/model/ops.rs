@@ -46,6 +46,16 @@ impl Compute {
     pub fn head_backward(self) -> Self {
         Self::new(self.kernels, self.head_grad)
     }
+
+    /// Whether the batch sums of the bias and LayerNorm gradients go by blocks of rows
+    /// ([`SUM_BLOCK`]; in bf16) or column by column over every row in order (otherwise). Both
+    /// are the same whatever the threads. The blocks are faster on several threads: each reads
+    /// its own rows (which the threads have just written in blocks of rows, too) in one pass,
+    /// where the columns' sums read every row, most of them from another core's cache. f32 keeps
+    /// the order of earlier versions, so that its runs repeat their bytes.
+    pub fn blocked_sums(self) -> bool {
+        self.precision == Precision::Bf16
+    }
 }
 
 /// Up to this many rows a product with packed weights goes to [`packed_matmul`], above it (a
@@ -402,13 +412,7 @@ pub fn matmul_backward(
         if let Some(db) = dbias {
             assert_eq!(db.len(), oc, "matmul_backward: bias gradient length");
             // First, while d out is still in cache from whatever wrote it.
-            phase("bias sums", || {
-                column_sums([db], n_rows, |i, j0, [db]| {
-                    for (d, x) in db.iter_mut().zip(&dout[i * oc + j0..]) {
-                        *d += x;
-                    }
-                })
-            });
+            phase("bias sums", || bias_sums(c.blocked_sums(), db, dout, n_rows));
         }
         // d out is the left operand of both products (d inp = d out · W, d W += d outᵀ · inp):
         // prepared (in bf16: packed both ways) once.
@@ -487,9 +491,11 @@ pub fn layernorm_forward(
     })
 }
 
-/// LayerNorm backward: d inp += …, d w += Σ d out · x̂, d b += Σ d out.
+/// LayerNorm backward: d inp += …, d w += Σ d out · x̂, d b += Σ d out; the sums over the rows
+/// by blocks of rows when `blocked` ([`Compute::blocked_sums`]).
 #[allow(clippy::too_many_arguments)]
 pub fn layernorm_backward(
+    blocked: bool,
     dinp: &mut [f32],
     dw: &mut [f32],
     db: &mut [f32],
@@ -500,25 +506,51 @@ pub fn layernorm_backward(
     rstd: &[f32],
     c: usize,
 ) {
+    assert!(db.len() == c && dw.len() == c, "layernorm_backward: parameter gradients of another width");
+    let rows = mean.len();
+    assert!(
+        dinp.len() == rows * c && dout.len() == rows * c && inp.len() == rows * c,
+        "layernorm_backward shapes"
+    );
+    // Row `row` (x, its d out d and its d inp di): d inp, and x̂ in `norm` for the sums.
+    let row_backward = |row: usize, di: &mut [f32], norm: &mut [f32], dnorm: &mut [f32]| {
+        let (d, x) = (&dout[row * c..(row + 1) * c], &inp[row * c..(row + 1) * c]);
+        let (mu, s) = (mean[row], rstd[row]);
+        for i in 0..c {
+            norm[i] = (x[i] - mu) * s;
+            dnorm[i] = w[i] * d[i];
+        }
+        let dnorm_mean = sum(dnorm) / c as f32;
+        let dnorm_norm_mean = dot(dnorm, norm) / c as f32;
+        for i in 0..c {
+            di[i] += (dnorm[i] - dnorm_mean - norm[i] * dnorm_norm_mean) * s;
+        }
+    };
     phase("layernorm backward", || {
-        let rows = dinp.par_chunks_mut(c).zip(dout.par_chunks(c)).zip(inp.par_chunks(c)).enumerate();
-        rows.for_each_init(
-            || (vec![0f32; c], vec![0f32; c]),
-            |(norm, dnorm), (row, ((di, d), x))| {
-                let (mu, s) = (mean[row], rstd[row]);
-                for i in 0..c {
-                    norm[i] = (x[i] - mu) * s;
-                    dnorm[i] = w[i] * d[i];
+        let scratch = || (vec![0f32; c], vec![0f32; c]);
+        if blocked && c > 0 {
+            // One pass: each block's rows, then their terms added to the block's own sums.
+            let mut partial = vec![0f32; rows.div_ceil(SUM_BLOCK) * 2 * c];
+            let blocks = partial.par_chunks_mut(2 * c).zip(dinp.par_chunks_mut(SUM_BLOCK * c)).enumerate();
+            blocks.for_each_init(scratch, |(norm, dnorm), (b, (sums, di))| {
+                let (sb, sw) = sums.split_at_mut(c);
+                for (k, di) in di.chunks_mut(c).enumerate() {
+                    let row = b * SUM_BLOCK + k;
+                    row_backward(row, di, norm, dnorm);
+                    for (((sb, sw), &d), &n) in
+                        sb.iter_mut().zip(sw.iter_mut()).zip(&dout[row * c..]).zip(&norm[..])
+                    {
+                        *sb += d;
+                        *sw += n * d;
+                    }
                 }
-                let dnorm_mean = sum(dnorm) / c as f32;
-                let dnorm_norm_mean = dot(dnorm, norm) / c as f32;
-                for i in 0..c {
-                    di[i] += (dnorm[i] - dnorm_mean - norm[i] * dnorm_norm_mean) * s;
-                }
-            },
-        );
-        assert!(db.len() == c && dw.len() == c, "layernorm_backward: parameter gradients of another width");
-        column_sums([db, dw], mean.len(), |row, j0, [db, dw]| {
+            });
+            add_blocks([db, dw], &partial);
+            return;
+        }
+        let rows_ = dinp.par_chunks_mut(c).enumerate();
+        rows_.for_each_init(scratch, |(norm, dnorm), (row, di)| row_backward(row, di, norm, dnorm));
+        column_sums([db, dw], rows, |row, j0, [db, dw]| {
             let (mu, s) = (mean[row], rstd[row]);
             let (d, x) = (&dout[row * c + j0..], &inp[row * c + j0..]);
             for (((db, dw), &d), &x) in db.iter_mut().zip(dw.iter_mut()).zip(d).zip(x) {
@@ -527,6 +559,47 @@ pub fn layernorm_backward(
             }
         });
     })
+}
+
+/// d bias += Σ over the rows of d out (rows × bias's width): by blocks of rows when `blocked`
+/// ([`Compute::blocked_sums`]), else column by column in row order.
+pub fn bias_sums(blocked: bool, db: &mut [f32], dout: &[f32], rows: usize) {
+    let oc = db.len();
+    assert_eq!(dout.len(), rows * oc, "bias_sums shapes");
+    if blocked && oc > 0 {
+        let mut partial = vec![0f32; rows.div_ceil(SUM_BLOCK) * oc];
+        partial.par_chunks_mut(oc).zip(dout.par_chunks(SUM_BLOCK * oc)).for_each(|(sums, block)| {
+            for row in block.chunks(oc) {
+                for (s, x) in sums.iter_mut().zip(row) {
+                    *s += x;
+                }
+            }
+        });
+        add_blocks([db], &partial);
+        return;
+    }
+    column_sums([db], rows, |i, j0, [db]| {
+        for (d, x) in db.iter_mut().zip(&dout[i * oc + j0..]) {
+            *d += x;
+        }
+    });
+}
+
+/// Rows per block of the blocked batch sums ([`Compute::blocked_sums`]): a constant, so that the
+/// sums do not depend on the threads.
+pub const SUM_BLOCK: usize = 32;
+
+/// acc[n] += each block's sums in block order: `partial` holds, block after block, N sums as
+/// wide as the accumulators (each the block's rows added in order, from zero).
+fn add_blocks<const N: usize>(mut acc: [&mut [f32]; N], partial: &[f32]) {
+    let c = acc[0].len();
+    for sums in partial.chunks(N * c) {
+        for (a, s) in acc.iter_mut().zip(sums.chunks(c)) {
+            for (a, s) in a.iter_mut().zip(s) {
+                *a += s;
+            }
+        }
+    }
 }
 
 /// acc[n][j] += Σ over rows i, in order, of row i's term n at column j, for N accumulators as
@@ -1389,10 +1462,79 @@ mod tests {
                 let pool = rayon::ThreadPoolBuilder::new().num_threads(threads).build().unwrap();
                 let (mut db, mut dw, mut dinp) = (db0.clone(), dw0.clone(), vec![0f32; rows * c]);
                 let w = vec![1f32; c];
-                pool.install(|| layernorm_backward(&mut dinp, &mut dw, &mut db, &d, &x, &w, &mean, &rstd, c));
+                pool.install(|| {
+                    layernorm_backward(false, &mut dinp, &mut dw, &mut db, &d, &x, &w, &mean, &rstd, c)
+                });
                 let bits = |v: &[f32]| v.iter().map(|x| x.to_bits()).collect::<Vec<_>>();
                 assert_eq!(bits(&db), bits(&want_b), "d bias, {rows} × {c}, {threads} threads");
                 assert_eq!(bits(&dw), bits(&want_w), "d weight, {rows} × {c}, {threads} threads");
+            }
+        }
+    }
+
+    /// The blocked batch sums (bf16's) add each block of [`SUM_BLOCK`] rows from zero in row
+    /// order, then the blocks in order, whatever the threads; d inp is the unblocked one's. A
+    /// hand-checked case where the orders differ: one column, 1e8 then 63 ones. Row by row, each
+    /// 1 is lost to rounding (f32 steps by 8 there): 1e8. By blocks: 1e8 (+ 31 ones, lost) + 32.
+    #[test]
+    fn blocked_sums_add_blocks_of_rows_in_order() {
+        let column: Vec<f32> = (0..64).map(|i| if i == 0 { 1e8 } else { 1.0 }).collect();
+        for (blocked, want) in [(false, 1e8f32), (true, 100_000_032.0)] {
+            let mut db = [0f32];
+            bias_sums(blocked, &mut db, &column, 64);
+            assert_eq!(db[0], want, "blocked: {blocked}");
+        }
+        let mut state = 11u64;
+        let mut next = move || {
+            state = state.wrapping_mul(6364136223846793005).wrapping_add(1442695040888963407);
+            ((state >> 40) as f32 / (1u64 << 24) as f32 - 0.5) * 3.0f32.powi((state % 13) as i32 - 6)
+        };
+        let bits = |v: &[f32]| v.iter().map(|x| x.to_bits()).collect::<Vec<_>>();
+        for (rows, c) in [(0, 5), (7, 1), (32, 3), (33, 15), (70, 17), (100, 100), (9, 257)] {
+            let (d, x): (Vec<f32>, Vec<f32>) = (0..rows * c).map(|_| (next(), next())).unzip();
+            let (mean, rstd): (Vec<f32>, Vec<f32>) = (0..rows).map(|_| (next(), next().abs() + 0.5)).unzip();
+            let (db0, dw0): (Vec<f32>, Vec<f32>) = (0..c).map(|_| (next(), next())).unzip();
+            let w: Vec<f32> = (0..c).map(|_| next()).collect();
+            let dinp0: Vec<f32> = (0..rows * c).map(|_| next()).collect();
+            // The order by hand: each block's rows from zero, then db0 + block 0 + block 1 + ….
+            let (mut want_b, mut want_w) = (db0.clone(), dw0.clone());
+            for b0 in (0..rows).step_by(SUM_BLOCK) {
+                let (mut sb, mut sw) = (vec![0f32; c], vec![0f32; c]);
+                for i in b0..rows.min(b0 + SUM_BLOCK) {
+                    for j in 0..c {
+                        sb[j] += d[i * c + j];
+                        sw[j] += (x[i * c + j] - mean[i]) * rstd[i] * d[i * c + j];
+                    }
+                }
+                for j in 0..c {
+                    want_b[j] += sb[j];
+                    want_w[j] += sw[j];
+                }
+            }
+            let mut want_dinp = dinp0.clone();
+            let (mut db, mut dw) = (db0.clone(), dw0.clone());
+            layernorm_backward(false, &mut want_dinp, &mut dw, &mut db, &d, &x, &w, &mean, &rstd, c);
+            for threads in [1, 2, 3] {
+                let pool = rayon::ThreadPoolBuilder::new().num_threads(threads).build().unwrap();
+                let (mut db, mut dw, mut dinp) = (db0.clone(), dw0.clone(), dinp0.clone());
+                pool.install(|| {
+                    layernorm_backward(true, &mut dinp, &mut dw, &mut db, &d, &x, &w, &mean, &rstd, c)
+                });
+                let at = format!("{rows} × {c}, {threads} threads");
+                assert_eq!(bits(&db), bits(&want_b), "layernorm d bias, {at}");
+                assert_eq!(bits(&dw), bits(&want_w), "layernorm d weight, {at}");
+                assert_eq!(bits(&dinp), bits(&want_dinp), "layernorm d inp, {at}");
+                let mut db = db0.clone();
+                pool.install(|| bias_sums(true, &mut db, &d, rows));
+                assert_eq!(bits(&db), bits(&want_b), "bias, {at}");
+                let (mut db, mut want) = (db0.clone(), db0.clone());
+                pool.install(|| bias_sums(false, &mut db, &d, rows));
+                for i in 0..rows {
+                    for j in 0..c {
+                        want[j] += d[i * c + j];
+                    }
+                }
+                assert_eq!(bits(&db), bits(&want), "bias row by row, {at}");
             }
         }
     }
