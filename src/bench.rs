@@ -102,8 +102,12 @@ pub fn bench_train(
             profile::start();
         }
         let t0 = Instant::now();
-        let (loss_v, _) = trainer.step(&x, &y, b, t, tc.lr, &tc)?;
+        let stepped = trainer.step(&x, &y, b, t, tc.lr, &tc);
         let t1 = Instant::now();
+        if profile && stepped.is_err() {
+            profile::finish();
+        }
+        let (loss_v, _) = stepped?;
         losses.push(loss_v);
         if i >= warmup {
             step.push((t1 - t0).as_secs_f64());

@@ -131,7 +131,9 @@ impl Engine {
     /// The engine and its arithmetic, as recorded with what it trains (a base's cache key).
     pub fn precision_name(&self) -> &'static str {
         match self {
-            Engine::Fast(c) if c.precision == Precision::Bf16 => "fast-bf16",
+            // Named for its batch sums by blocks of rows (53e173c), which changed its bytes: a
+            // base cached by an earlier version under "fast-bf16" is not reused.
+            Engine::Fast(c) if c.precision == Precision::Bf16 => "fast-bf16-blocked-sums",
             Engine::Fast(c) if c.head_grad == Precision::Bf16 => "fast-fp32-bf16-head-grad",
             Engine::Fast(_) => "fast-fp32",
             Engine::Candle(d) if d.is_cpu() => "candle-cpu-fp32",
@@ -403,6 +405,6 @@ mod tests {
         assert!(
             matches!(e, Engine::Fast(c) if c.head_grad == Precision::Bf16 && c.precision == Precision::F32)
         );
-        assert_eq!(fast().with(best, P::Bf16).unwrap().precision_name(), "fast-bf16");
+        assert_eq!(fast().with(best, P::Bf16).unwrap().precision_name(), "fast-bf16-blocked-sums");
     }
 }

@@ -305,8 +305,8 @@ fn forward_sequences(
         });
         if let (Some(gw), Some(wte_back)) = (head_grad.as_deref_mut(), &wte_back) {
             let d_lnf = &mut a.d_c[r0 * c..(r0 + rows) * c];
-            let backward = || matmul_backward_lhs(hb, (d_lnf, gw), &d_logits, (lnf, None), wte_back, rows);
-            phase("head backward", backward);
+            let products = || matmul_backward_lhs(hb, (d_lnf, gw), &d_logits, (lnf, None), wte_back, rows);
+            phase("head backward", products);
         }
     }
     a.losses.iter().map(|&x| x as f64).sum::<f64>() as f32 * inv_n
@@ -328,7 +328,7 @@ fn backward(
     inputs: &[u32],
 ) {
     let (b, t, c, h) = (a.b, a.t, cfg.d_model, cfg.n_head);
-    let (bt, blocked) = (b * t, cp.blocked_sums());
+    let (bt, blocked) = (b * t, cp.blocked_sums);
     // The LM head (tied) was differentiated with the loss: a.d_c holds d lnf, g.wte its part.
     a.d_res.fill(0.0);
     let last = &a.layers[cfg.n_layer - 1].r.res3;
@@ -883,7 +883,7 @@ mod tests {
                 );
                 continue;
             }
-            let mut fast = Trainer::new(Compute { kernels, precision, head_grad }, &cfg, &w0);
+            let mut fast = Trainer::new(Compute { head_grad, ..Compute::new(kernels, precision) }, &cfg, &w0);
             let got_loss = fast.forward_backward(&x, &y, b, t);
             if precision == Precision::F32 && head_grad == Precision::Bf16 {
                 // The head's gradient did go through bf16: it differs from the fp32 one (bf16 moves

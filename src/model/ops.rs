@@ -24,12 +24,19 @@ pub struct Compute {
     /// word-sized vocabulary most of a training step's FLOPs): `precision`, or bf16 while every
     /// other product, the forward included, stays f32 (`train.precision = fp32-bf16-head-grad`).
     pub head_grad: Precision,
+    /// Whether the batch sums of the bias and LayerNorm gradients go by blocks of rows
+    /// ([`SUM_BLOCK`]; bf16 training's) or column by column over every row in order (the rest).
+    /// Both are the same whatever the threads. The blocks are faster on several threads: each
+    /// reads its own rows (which the threads have just written in blocks of rows, too) in one
+    /// pass, where the columns' sums read every row, most of them from another core's cache. f32
+    /// keeps the order of earlier versions, so that its runs repeat their bytes.
+    pub blocked_sums: bool,
 }
 
 impl Compute {
     /// Every product in `precision` on `kernels`.
     pub fn new(kernels: Kernels, precision: Precision) -> Self {
-        Self { kernels, precision, head_grad: precision }
+        Self { kernels, precision, head_grad: precision, blocked_sums: precision == Precision::Bf16 }
     }
 
     /// f32 on the best kernels of this CPU (what tests use; the engine reads the environment).
@@ -42,19 +49,10 @@ impl Compute {
         Self::new(self.kernels, Precision::F32)
     }
 
-    /// The head's backward products: on these kernels, in `head_grad`.
+    /// The head's backward products: on these kernels, in `head_grad` (the sums stay this
+    /// engine's).
     pub fn head_backward(self) -> Self {
-        Self::new(self.kernels, self.head_grad)
-    }
-
-    /// Whether the batch sums of the bias and LayerNorm gradients go by blocks of rows
-    /// ([`SUM_BLOCK`]; in bf16) or column by column over every row in order (otherwise). Both
-    /// are the same whatever the threads. The blocks are faster on several threads: each reads
-    /// its own rows (which the threads have just written in blocks of rows, too) in one pass,
-    /// where the columns' sums read every row, most of them from another core's cache. f32 keeps
-    /// the order of earlier versions, so that its runs repeat their bytes.
-    pub fn blocked_sums(self) -> bool {
-        self.precision == Precision::Bf16
+        Self { blocked_sums: self.blocked_sums, ..Self::new(self.kernels, self.head_grad) }
     }
 }
 
@@ -412,7 +410,7 @@ pub fn matmul_backward(
         if let Some(db) = dbias {
             assert_eq!(db.len(), oc, "matmul_backward: bias gradient length");
             // First, while d out is still in cache from whatever wrote it.
-            phase("bias sums", || bias_sums(c.blocked_sums(), db, dout, n_rows));
+            phase("bias sums", || bias_sums(c.blocked_sums, db, dout, n_rows));
         }
         // d out is the left operand of both products (d inp = d out · W, d W += d outᵀ · inp):
         // prepared (in bf16: packed both ways) once.
@@ -448,6 +446,7 @@ pub fn matmul_backward_lhs(
     phase("d input", || unsafe {
         d_out.matmul(false, &w.rhs, dinp.as_mut_ptr(), ic, false, 1.0, None, true)
     });
+    // SAFETY: as above; `fresh` lives until the product returns.
     phase("d weight", || unsafe {
         let fresh;
         let inp = match inp_rhs {
@@ -492,7 +491,7 @@ pub fn layernorm_forward(
 }
 
 /// LayerNorm backward: d inp += …, d w += Σ d out · x̂, d b += Σ d out; the sums over the rows
-/// by blocks of rows when `blocked` ([`Compute::blocked_sums`]).
+/// by blocks of rows when `blocked` ([`Compute`]'s `blocked_sums`).
 #[allow(clippy::too_many_arguments)]
 pub fn layernorm_backward(
     blocked: bool,
@@ -562,7 +561,7 @@ pub fn layernorm_backward(
 }
 
 /// d bias += Σ over the rows of d out (rows × bias's width): by blocks of rows when `blocked`
-/// ([`Compute::blocked_sums`]), else column by column in row order.
+/// ([`Compute`]'s `blocked_sums`), else column by column in row order.
 pub fn bias_sums(blocked: bool, db: &mut [f32], dout: &[f32], rows: usize) {
     let oc = db.len();
     assert_eq!(dout.len(), rows * oc, "bias_sums shapes");
@@ -585,7 +584,7 @@ pub fn bias_sums(blocked: bool, db: &mut [f32], dout: &[f32], rows: usize) {
     });
 }
 
-/// Rows per block of the blocked batch sums ([`Compute::blocked_sums`]): a constant, so that the
+/// Rows per block of the blocked batch sums ([`Compute`]'s `blocked_sums`): a constant, so that the
 /// sums do not depend on the threads.
 pub const SUM_BLOCK: usize = 32;
 

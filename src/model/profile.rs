@@ -1,6 +1,6 @@
 //! Where the fast engine's training step spends its time: `collapse-lab bench --profile` times
-//! each phase of the step (the wall time of the thread that drives it, parallel work included)
-//! and prints the totals per step as a tree.
+//! each phase of the step (wall time on the thread that runs the phase, which waits for the phase's
+//! parallel work) and prints the totals per step as a tree.
 //!
 //! Phases nest: a phase's time is its own, without the phases inside it, so the times of a tree
 //! add up to the time spent in it. Off unless [`start`]ed: then a phase costs one relaxed atomic
@@ -21,7 +21,8 @@ pub struct PhaseTime {
 }
 
 static ON: AtomicBool = AtomicBool::new(false);
-/// The phases in the order they first ran: (path, own time, calls).
+/// The phases in the order they first finished (so a phase after those inside it): (path, own
+/// time, calls).
 static TOTALS: Mutex<Vec<(Vec<&'static str>, Duration, u64)>> = Mutex::new(Vec::new());
 
 thread_local! {
@@ -36,7 +37,23 @@ pub fn phase<R>(name: &'static str, f: impl FnOnce() -> R) -> R {
         return f();
     }
     OPEN.with_borrow_mut(|open| open.push((name, Instant::now(), Duration::ZERO)));
-    let r = f();
+    // Closed when `f` returns or unwinds, so that a panic leaves no phase open.
+    let _open = Open;
+    f()
+}
+
+/// The phase this thread opened last, while it runs.
+struct Open;
+
+impl Drop for Open {
+    fn drop(&mut self) {
+        close();
+    }
+}
+
+/// Closes this thread's innermost phase: its time goes to its totals, and to its parent's time
+/// spent inside other phases.
+fn close() {
     let (path, own) = OPEN.with_borrow_mut(|open| {
         let path: Vec<&'static str> = open.iter().map(|(n, ..)| *n).collect();
         let (_, t0, inner) = open.pop().expect("the phase opened above");
@@ -54,7 +71,6 @@ pub fn phase<R>(name: &'static str, f: impl FnOnce() -> R) -> R {
         }
         None => totals.push((path, own, 1)),
     }
-    r
 }
 
 /// Clears the totals and starts timing phases (on every thread).
@@ -63,7 +79,8 @@ pub fn start() {
     ON.store(true, Ordering::Relaxed);
 }
 
-/// Stops timing; returns the totals since [`start`], in the order the phases first ran.
+/// Stops timing; returns the totals since [`start`], in the order the phases first finished (a
+/// phase after those inside it; [`table`] puts each under its parent).
 pub fn finish() -> Vec<PhaseTime> {
     ON.store(false, Ordering::Relaxed);
     let totals = std::mem::take(&mut *TOTALS.lock().unwrap_or_else(|e| e.into_inner()));
@@ -107,6 +124,7 @@ mod tests {
         let before = phase("profile-test-off", || 7);
         assert_eq!(before, 7);
         start();
+        let wall = Instant::now();
         for _ in 0..2 {
             phase("profile-test-outer", || {
                 sleep(Duration::from_millis(10));
@@ -114,19 +132,26 @@ mod tests {
                 phase("profile-test-inner", || ());
             });
         }
+        let wall = wall.elapsed().as_secs_f64();
         let got = phase("profile-test-value", || 41) + 1;
+        // A phase that panics is closed on the way out: the next one is not inside it.
+        let panicked = std::panic::catch_unwind(|| phase("profile-test-panics", || panic!("in a phase")));
+        assert!(panicked.is_err());
+        phase("profile-test-after-panic", || ());
         let phases = finish();
         assert_eq!(got, 42);
         let find = |path: &[&str]| phases.iter().find(|p| p.path == path).cloned();
         let outer = find(&["profile-test-outer"]).expect("outer");
         let inner = find(&["profile-test-outer", "profile-test-inner"]).expect("inner");
         assert_eq!((outer.calls, inner.calls), (2, 4));
-        // Own times: the outer phase without the inner one (2 × 10 ms, not 2 × 70 ms), so less
-        // than the inner one's (2 × 60 ms) by far more than a sleep oversleeps.
+        // Own times: the outer phase's without the inner one's, so at most the loop's wall time
+        // less the inner phase's (which would fail by 0.12 s if the inner time were counted twice).
         assert!(outer.seconds >= 0.020 && inner.seconds >= 0.120, "{outer:?} {inner:?}");
-        assert!(outer.seconds < inner.seconds, "{outer:?} {inner:?}");
+        assert!(outer.seconds + inner.seconds <= wall + 1e-6, "{outer:?} {inner:?}, {wall} s in all");
         assert!(find(&["profile-test-off"]).is_none(), "a phase before start() is not timed");
         assert_eq!(find(&["profile-test-value"]).map(|p| p.calls), Some(1));
+        assert_eq!(find(&["profile-test-panics"]).map(|p| p.calls), Some(1));
+        assert_eq!(find(&["profile-test-after-panic"]).map(|p| p.calls), Some(1));
         // After finish(), nothing more is recorded.
         phase("profile-test-after", || ());
         start();
