@@ -6,6 +6,7 @@
 use super::candle::{self as reference, AdamW, Dropout, Gpt, KvCache};
 use super::fast;
 use super::ops::Compute;
+use super::profile::phase;
 use super::{ModelConfig, Weights};
 use crate::config::TrainConfig;
 use crate::kernels::{Kernels, Precision};
@@ -329,9 +330,9 @@ impl Trainer {
         match self {
             Trainer::Fast(f) => {
                 let loss = f.forward_backward(x, y, b, t) as f64;
-                let norm = f.grad_norm();
+                let norm = phase("gradient norm", || f.grad_norm());
                 if loss.is_finite() && norm.is_finite() {
-                    f.adamw(lr, clip(norm), cfg.beta1, cfg.beta2, cfg.weight_decay);
+                    phase("AdamW", || f.adamw(lr, clip(norm), cfg.beta1, cfg.beta2, cfg.weight_decay));
                 }
                 Ok((loss, norm))
             }

@@ -539,58 +539,54 @@ impl Trainer {
     /// lanes each, blocks in parallel), the blocks' sums added in order, parameter by parameter;
     /// the same order whatever the threads.
     pub fn grad_norm(&self) -> f64 {
-        phase("gradient norm", || {
-            let block_sum = |b: &[f32]| {
-                let mut acc = [0f64; 8];
-                let chunks = b.chunks_exact(8);
-                let rest: f64 = chunks.remainder().iter().map(|&x| (x as f64) * (x as f64)).sum();
-                for c in chunks {
-                    for i in 0..8 {
-                        acc[i] += (c[i] as f64) * (c[i] as f64);
-                    }
+        let block_sum = |b: &[f32]| {
+            let mut acc = [0f64; 8];
+            let chunks = b.chunks_exact(8);
+            let rest: f64 = chunks.remainder().iter().map(|&x| (x as f64) * (x as f64)).sum();
+            for c in chunks {
+                for i in 0..8 {
+                    acc[i] += (c[i] as f64) * (c[i] as f64);
                 }
-                acc.iter().sum::<f64>() + rest
-            };
-            let sq: f64 = self
-                .params
-                .iter()
-                .map(|(r, _)| {
-                    let blocks: Vec<f64> = self.g[r.clone()].par_chunks(4096).map(block_sum).collect();
-                    blocks.iter().sum::<f64>()
-                })
-                .sum();
-            sq.sqrt()
-        })
+            }
+            acc.iter().sum::<f64>() + rest
+        };
+        let sq: f64 = self
+            .params
+            .iter()
+            .map(|(r, _)| {
+                let blocks: Vec<f64> = self.g[r.clone()].par_chunks(4096).map(block_sum).collect();
+                blocks.iter().sum::<f64>()
+            })
+            .sum();
+        sq.sqrt()
     }
 
     /// One AdamW update (decoupled weight decay on the parameters the description marks), gradients
     /// scaled by `grad_scale`; the same arithmetic as [`super::candle::AdamW`].
     pub fn adamw(&mut self, lr: f64, grad_scale: f64, beta1: f64, beta2: f64, weight_decay: f64) {
-        phase("AdamW", || {
-            self.step += 1;
-            let (c1, c2) = (1.0 - beta1.powi(self.step), 1.0 - beta2.powi(self.step));
-            let (b1, b2, s) = (beta1 as f32, beta2 as f32, grad_scale as f32);
-            let (ic1, ic2, lr32) = ((1.0 / c1) as f32, (1.0 / c2) as f32, lr as f32);
-            for (r, decays) in &self.params {
-                let decay = if *decays { (1.0 - lr * weight_decay) as f32 } else { 1.0 };
-                let p = &mut self.w.data[r.clone()];
-                let (g, m, v) = (&self.g[r.clone()], &mut self.m[r.clone()], &mut self.v[r.clone()]);
-                p.par_chunks_mut(4096)
-                    .zip(g.par_chunks(4096))
-                    .zip(m.par_chunks_mut(4096))
-                    .zip(v.par_chunks_mut(4096))
-                    .for_each(|(((p, g), m), v)| {
-                        // Zipped, so that the loop has no bounds checks and vectorises.
-                        for (((p, &g), m), v) in p.iter_mut().zip(g).zip(m.iter_mut()).zip(v.iter_mut()) {
-                            let gi = g * s;
-                            *m = b1 * *m + (1.0 - b1) * gi;
-                            *v = b2 * *v + (1.0 - b2) * gi * gi;
-                            let update = (*m * ic1) / ((*v * ic2).sqrt() + 1e-8);
-                            *p = *p * decay - lr32 * update;
-                        }
-                    });
-            }
-        })
+        self.step += 1;
+        let (c1, c2) = (1.0 - beta1.powi(self.step), 1.0 - beta2.powi(self.step));
+        let (b1, b2, s) = (beta1 as f32, beta2 as f32, grad_scale as f32);
+        let (ic1, ic2, lr32) = ((1.0 / c1) as f32, (1.0 / c2) as f32, lr as f32);
+        for (r, decays) in &self.params {
+            let decay = if *decays { (1.0 - lr * weight_decay) as f32 } else { 1.0 };
+            let p = &mut self.w.data[r.clone()];
+            let (g, m, v) = (&self.g[r.clone()], &mut self.m[r.clone()], &mut self.v[r.clone()]);
+            p.par_chunks_mut(4096)
+                .zip(g.par_chunks(4096))
+                .zip(m.par_chunks_mut(4096))
+                .zip(v.par_chunks_mut(4096))
+                .for_each(|(((p, g), m), v)| {
+                    // Zipped, so that the loop has no bounds checks and vectorises.
+                    for (((p, &g), m), v) in p.iter_mut().zip(g).zip(m.iter_mut()).zip(v.iter_mut()) {
+                        let gi = g * s;
+                        *m = b1 * *m + (1.0 - b1) * gi;
+                        *v = b2 * *v + (1.0 - b2) * gi * gi;
+                        let update = (*m * ic1) / ((*v * ic2).sqrt() + 1e-8);
+                        *p = *p * decay - lr32 * update;
+                    }
+                });
+        }
     }
 
     /// A scorer on the current weights (validation during training), in f32 like every measurement.
