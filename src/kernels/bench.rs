@@ -571,3 +571,54 @@ fn peak_rates() {
         println!("  {name:<16} {:>7.1}", flops * ROUNDS as f64 / secs / 1e9);
     }
 }
+
+/// The `vdpbf16ps` kernel on the weight-gradient products' shapes (d W = d outᵀ · inp, k = the
+/// batch's rows) with A in the pair layout the step uses (`tiled`, from [`super::bf16::pack_both`])
+/// against A row-major: operands packed beforehand and in cache, best of 7; 1 thread (its CPU
+/// time) and 2 threads (wall time). Skipped with a reason without AVX512_BF16.
+#[test]
+#[ignore]
+fn bf16_tiled_a_speed() {
+    use super::bf16::{gemm_packed, pack_both, Epilogue, Out, PackedA, PackedB, Schedule, SharedPtr};
+    if Kernels::parse("auto").unwrap().bf16() != Some(Bf16Kernel::Avx512Bf16) {
+        eprintln!("skipped: bf16_tiled_a_speed needs the vdpbf16ps kernel (AVX512_BF16)");
+        return;
+    }
+    let one = rayon::ThreadPoolBuilder::new().num_threads(1).build().unwrap();
+    let two = rayon::ThreadPoolBuilder::new().num_threads(2).build().unwrap();
+    println!("d W products on vdpbf16ps, operands packed and in cache (GFLOP/s):");
+    for (oc, ic, rows) in
+        [(768, 256, 2048), (256, 256, 2048), (1024, 256, 2048), (256, 1024, 2048), (8192, 256, 1024)]
+    {
+        let dout: Vec<f32> = (0..rows * oc).map(|i| (i % 91) as f32 / 91.0 - 0.5).collect();
+        let inp: Vec<f32> = (0..rows * ic).map(|i| (i % 83) as f32 / 83.0 - 0.5).collect();
+        let mut dw = vec![0f32; oc * ic];
+        let out = Out {
+            dst: SharedPtr(dw.as_mut_ptr()),
+            dst_row: ic,
+            e: Epilogue { scale: 1.0, accumulate: true, bias: std::ptr::null() },
+        };
+        // SAFETY: dout is rows × oc and inp rows × ic, row-major; the CPU has AVX512_BF16 (checked).
+        let (tiled, rows_a, b) = unsafe {
+            (
+                pack_both(Mat::row_major(dout.as_ptr(), oc), rows, oc, false).1,
+                PackedA::new(Mat::transposed(dout.as_ptr(), oc), oc, rows, true, false),
+                PackedB::new(Mat::row_major(inp.as_ptr(), ic), rows, ic, true, false),
+            )
+        };
+        let flop = 2.0 * (oc * ic * rows) as f64;
+        for (layout, a) in [("tiled", &tiled), ("row-major", &rows_a)] {
+            // SAFETY: a and b are packed for the same k (rows); dw is oc × ic.
+            let run = |parallel| unsafe {
+                gemm_packed(Bf16Kernel::Avx512Bf16, a, &b, out, Schedule::Blocks { parallel })
+            };
+            let t1 = one.install(|| best_cpu(7, || run(false)));
+            let t2 = two.install(|| best(7, || run(true)));
+            println!(
+                "  {oc}×{rows}·{rows}×{ic} A {layout:<9}  1 thread {:6.1}  2 threads {:6.1}",
+                flop / t1 / 1e9,
+                flop / t2 / 1e9
+            );
+        }
+    }
+}
