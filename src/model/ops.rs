@@ -547,8 +547,8 @@ pub fn layernorm_backward(
             add_blocks([db, dw], &partial);
             return;
         }
-        let rows_ = dinp.par_chunks_mut(c).enumerate();
-        rows_.for_each_init(scratch, |(norm, dnorm), (row, di)| row_backward(row, di, norm, dnorm));
+        let each_row = dinp.par_chunks_mut(c).enumerate();
+        each_row.for_each_init(scratch, |(norm, dnorm), (row, di)| row_backward(row, di, norm, dnorm));
         column_sums([db, dw], rows, |row, j0, [db, dw]| {
             let (mu, s) = (mean[row], rstd[row]);
             let (d, x) = (&dout[row * c + j0..], &inp[row * c + j0..]);
